@@ -1,0 +1,182 @@
+"""The three networks of the VAE/GAN (Larsen et al. 2016), CelebA configuration (REFERENCE.md §3).
+
+64x64 images use three stride-2 stages; 32x32 images use one stage fewer, so that every
+network still works on a 256x8x8 representation (and `Dis_l` is the 3rd convolution).
+"""
+import math
+
+import torch
+from torch import nn
+
+SUPPORTED_IMAGE_SIZES = (32, 64)
+MODEL_KINDS = ("vaegan", "vae", "gan", "vae-disl")
+
+# Channels of the stride-2 stages, by image size.
+ENCODER_STAGES = {64: (64, 128, 256), 32: (128, 256)}
+DECODER_STAGES = {64: (256, 128, 32), 32: (128, 32)}
+DISCRIMINATOR_STAGES = {64: (128, 256, 256), 32: (128, 256)}
+BASE = 8  # spatial size of the innermost representation
+BASE_CHANNELS = 256
+CONV_BN_EPS = 1e-6  # the authors' value for convolutional BatchNorm; FC BatchNorm keeps 1e-5
+
+
+def conv(in_ch, out_ch, stride, bias):
+    return nn.Conv2d(in_ch, out_ch, 5, stride=stride, padding=2, bias=bias)
+
+
+def up_conv(in_ch, out_ch):
+    # 5x5, stride 2, "same": exactly doubles the spatial size.
+    return nn.ConvTranspose2d(in_ch, out_ch, 5, stride=2, padding=2, output_padding=1, bias=False)
+
+
+def conv_bn_relu(in_ch, out_ch, stride):
+    return [conv(in_ch, out_ch, stride, bias=False), nn.BatchNorm2d(out_ch, eps=CONV_BN_EPS), nn.ReLU()]
+
+
+def check_image_size(image_size):
+    if image_size not in SUPPORTED_IMAGE_SIZES:
+        raise ValueError(f"image size {image_size} is not supported: the networks take "
+                         f"{' or '.join(map(str, SUPPORTED_IMAGE_SIZES))} pixels")
+
+
+class Encoder(nn.Module):
+    """Enc(x) -> (mu, logvar)."""
+
+    def __init__(self, image_size=64, channels=3, latent_size=128, fc_width=1024):
+        super().__init__()
+        check_image_size(image_size)
+        layers, in_ch = [], channels
+        for out_ch in ENCODER_STAGES[image_size]:
+            layers += conv_bn_relu(in_ch, out_ch, stride=2)
+            in_ch = out_ch
+        layers += [nn.Flatten(), nn.Linear(BASE_CHANNELS * BASE * BASE, fc_width, bias=False),
+                   nn.BatchNorm1d(fc_width), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.mu = nn.Linear(fc_width, latent_size)
+        self.logvar = nn.Linear(fc_width, latent_size)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.mu(h), self.logvar(h)
+
+
+class Decoder(nn.Module):
+    """Dec(z) -> image in [-1, 1]; also the GAN's generator."""
+
+    def __init__(self, image_size=64, channels=3, latent_size=128):
+        super().__init__()
+        check_image_size(image_size)
+        layers = [nn.Linear(latent_size, BASE_CHANNELS * BASE * BASE, bias=False),
+                  nn.BatchNorm1d(BASE_CHANNELS * BASE * BASE), nn.ReLU(),
+                  nn.Unflatten(1, (BASE_CHANNELS, BASE, BASE))]
+        in_ch = BASE_CHANNELS
+        for out_ch in DECODER_STAGES[image_size]:
+            layers += [up_conv(in_ch, out_ch), nn.BatchNorm2d(out_ch, eps=CONV_BN_EPS), nn.ReLU()]
+            in_ch = out_ch
+        layers += [conv(in_ch, channels, stride=1, bias=True), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.body(z)
+
+
+class Discriminator(nn.Module):
+    """Dis(x) -> logit of "x is real"; `forward(x, features_only=True)` -> Dis_l(x).
+
+    Dis_l is the output of the last convolution, before its BatchNorm and ReLU
+    (256x8x8 = 16,384 features per image).
+    """
+
+    def __init__(self, image_size=64, channels=3):
+        super().__init__()
+        check_image_size(image_size)
+        stages = DISCRIMINATOR_STAGES[image_size]
+        layers = [conv(channels, 32, stride=1, bias=True), nn.ReLU()]
+        in_ch = 32
+        for out_ch in stages[:-1]:
+            layers += conv_bn_relu(in_ch, out_ch, stride=2)
+            in_ch = out_ch
+        layers.append(conv(in_ch, stages[-1], stride=2, bias=False))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.BatchNorm2d(stages[-1], eps=CONV_BN_EPS), nn.ReLU(), nn.Flatten(),
+            nn.Linear(BASE_CHANNELS * BASE * BASE, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
+            nn.Linear(512, 1))
+
+    def forward(self, x, features_only=False):
+        features = self.features(x)
+        if features_only:
+            return features
+        return self.head(features).squeeze(1)
+
+
+def init_weights(module):
+    """The authors' initialisation: uniform with std 1/(3*sqrt(fan_in)), biases 0.
+
+    fan_in is in_channels*k*k for convolutions and transposed convolutions alike.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            if isinstance(m, nn.Linear):
+                fan_in = m.in_features
+            else:
+                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            bound = math.sqrt(3.0) / (3.0 * math.sqrt(fan_in))  # uniform(-a, a) has std a/sqrt(3)
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class VAEGAN(nn.Module):
+    """The networks a run trains: which exist depends on the model kind.
+
+    vaegan, vae-disl: encoder, decoder, discriminator; vae: encoder, decoder; gan: decoder,
+    discriminator.
+    """
+
+    def __init__(self, kind="vaegan", image_size=64, channels=3, latent_size=128, fc_width=1024):
+        super().__init__()
+        if kind not in MODEL_KINDS:
+            raise ValueError(f"model {kind!r} is not one of {', '.join(MODEL_KINDS)}")
+        self.kind = kind
+        self.image_size, self.channels, self.latent_size = image_size, channels, latent_size
+        self.encoder = Encoder(image_size, channels, latent_size, fc_width) if kind != "gan" else None
+        self.decoder = Decoder(image_size, channels, latent_size)
+        self.discriminator = Discriminator(image_size, channels) if kind != "vae" else None
+        init_weights(self)
+
+    def networks(self):
+        """{name: module} of the networks this kind has, each with its own optimizer."""
+        names = ("encoder", "decoder", "discriminator")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    # The inference API (vaegan.load returns this model in eval mode).
+    @torch.no_grad()
+    def encode(self, x):
+        """Images in [-1, 1], (N, C, H, W) -> (mu, logvar)."""
+        if self.encoder is None:
+            raise RuntimeError("a 'gan' model has no encoder: it cannot encode or reconstruct")
+        return self.encoder(x)
+
+    @torch.no_grad()
+    def decode(self, z):
+        """Codes (N, latent_size) -> images in [-1, 1]."""
+        return self.decoder(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """Dec(mu(x)): the reconstruction from the posterior mean."""
+        mu, _ = self.encode(x)
+        return self.decode(mu)
+
+    @torch.no_grad()
+    def sample(self, n, seed=None):
+        """n images decoded from z ~ N(0, I); the same seed gives the same images."""
+        device = next(self.parameters()).device
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(torch.seed() if seed is None else seed)
+        z = torch.randn(n, self.latent_size, generator=generator).to(device)
+        return self.decode(z)

@@ -1,0 +1,216 @@
+"""Who learns from what: the split update of the VAE/GAN (REFERENCE.md §2).
+
+    encoder       descends  KL + L_llike
+    decoder       descends  gamma * L_llike + L_gen     (L_gen: minimax or non-saturating)
+    discriminator descends  L_dis = -L_GAN              (never any gradient of L_llike)
+
+`compute_gradients` gets all three from one forward and ONE backward pass, by routing:
+  * Dis_l for L_llike is evaluated with the discriminator's parameters detached, so the
+    discriminator receives nothing of L_llike while the gradient still reaches x~;
+  * the gradient of L_llike entering x~ is scaled by gamma (the decoder's weight) and the
+    gradient leaving the decoder at z is scaled by 1/gamma (the encoder's weight is 1);
+  * the minimax decoder term is the discriminator's loss with its gradient reversed at x_p;
+    the non-saturating term is read off a second discriminator pass with detached parameters.
+`compute_gradients_reference` takes the same gradients the slow, obvious way (one loss per
+network, three gradient computations): the tests hold the fast path to it.
+Both leave every gradient in `.grad` and step no optimizer: all gradients of a step come from
+the parameters as they were at its start.
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from . import losses
+
+
+@dataclass
+class StepConfig:
+    kind: str = "vaegan"
+    gamma: float = 1e-6
+    real_weight: float = 0.5
+    fake_weight: float = 0.5
+    saturating: bool = True        # the authors' minimax decoder term
+    gan_loss_form: str = "logits"  # "logits" (stable) or "eps" (the authors' log(p + 1e-3))
+    dis_sees_recon: bool = False   # the paper's Algorithm 1: x~ is a fake for the discriminator
+    equilibrium: bool = True
+    equilibrium_value: float = 0.68
+    margin: float = 0.35
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x, scale):
+    """Identity forward; multiplies the gradient by `scale` on the way back."""
+    return x if scale == 1 else _ScaleGrad.apply(x, scale)
+
+
+def frozen(module, *args, **kwargs):
+    """Call `module` with its parameters detached: gradients reach the inputs, not the weights."""
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, {**params, **dict(module.named_buffers())}, args, kwargs)
+
+
+def decoder_llike_weight(cfg):
+    # gamma trades L_llike against the GAN term; with no GAN term (vae-disl) the decoder takes L_llike whole.
+    return cfg.gamma if cfg.kind == "vaegan" else 1.0
+
+
+def _autocast(x, dtype):
+    return torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _split(t, n):
+    return t[:n], t[n:]
+
+
+def discriminator_loss(cfg, logits_real, logits_fake):
+    """L_dis = -L_GAN: weighted batch means of -log Dis(x) and -log(1 - Dis(fake))."""
+    real_loss, fake_loss = losses.GAN_LOSS_FORMS[cfg.gan_loss_form]
+    return cfg.real_weight * real_loss(logits_real).mean() + cfg.fake_weight * fake_loss(logits_fake).mean()
+
+
+def non_saturating_generator_loss(cfg, logits_fake):
+    """The decoder's alternative to the minimax term: fake_weight * -log Dis(x_p)."""
+    real_loss = losses.GAN_LOSS_FORMS[cfg.gan_loss_form][0]
+    return cfg.fake_weight * real_loss(logits_fake).mean()
+
+
+def at_least_fp32(t):
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _stats(**tensors):
+    return {name: t.detach() for name, t in tensors.items() if t is not None}
+
+
+def compute_gradients(model, x, eps, z_prior, cfg, autocast_dtype=None):
+    """One forward, one backward: afterwards each network's `.grad` is the gradient of its own loss.
+
+    x: images (B, C, H, W) in [-1, 1]; eps: (B, latent) reparameterisation noise;
+    z_prior: (B, latent) prior codes. Returns the step's losses and the equilibrium costs,
+    detached (no device synchronisation here).
+    """
+    for p in model.parameters():
+        p.grad = None
+    enc, dec, dis = model.encoder, model.decoder, model.discriminator
+    batch = x.shape[0]
+    kl = llike = dis_loss = gen_loss = real_cost = fake_cost = None
+    with _autocast(x, autocast_dtype):
+        total = 0.0
+        if enc is not None:
+            mu, logvar = enc(x)
+            z = mu + torch.exp(0.5 * at_least_fp32(logvar)) * eps
+            kl = losses.kl_divergence(at_least_fp32(mu), at_least_fp32(logvar)).mean()
+            w = decoder_llike_weight(cfg)
+            x_rec = dec(scale_grad(z, 1.0 / w))  # the encoder receives dL_llike/dz at weight 1 ...
+            x_rec_llike = scale_grad(x_rec, w)    # ... and the decoder at weight w
+            if dis is None:  # plain VAE: the Gaussian in pixel space
+                llike = losses.pixel_nll(at_least_fp32(x_rec_llike), at_least_fp32(x)).mean()
+            else:
+                features_rec, features_real = _split(frozen(dis, torch.cat([x_rec_llike, x]), features_only=True), batch)
+                llike = losses.feature_nll(at_least_fp32(features_rec), at_least_fp32(features_real.detach())).mean()
+            total = kl + llike
+        if dis is not None:
+            if cfg.kind == "vae-disl":  # the decoder gets no GAN gradient
+                with torch.no_grad():
+                    fakes = dec(z_prior)
+            else:
+                fakes = dec(z_prior)
+                if cfg.dis_sees_recon:  # a separate decoder pass from z.detach(): no GAN gradient reaches the encoder
+                    fakes = torch.cat([fakes, dec(z.detach())])
+            minimax = cfg.kind != "vae-disl" and cfg.saturating
+            # minimax: the decoder descends -L_dis, i.e. the discriminator's gradient reversed at the fakes
+            fakes_for_dis = scale_grad(fakes, -1.0) if minimax else fakes.detach()
+            logits_real, logits_fake = _split(at_least_fp32(dis(torch.cat([x, fakes_for_dis]))), batch)
+            dis_loss = discriminator_loss(cfg, logits_real, logits_fake)
+            total = total + dis_loss
+            if cfg.kind != "vae-disl":
+                if minimax:
+                    gen_loss = -dis_loss  # reported; its gradient is already routed
+                else:
+                    logits_fake_for_dec = _split(at_least_fp32(frozen(dis, torch.cat([x, fakes]))), batch)[1]
+                    gen_loss = non_saturating_generator_loss(cfg, logits_fake_for_dec)
+                    total = total + gen_loss
+            real_cost, fake_cost = losses.equilibrium_costs(logits_real, logits_fake[:batch])
+    total.backward()
+    return _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost, fake_cost=fake_cost)
+
+
+def network_losses(model, x, eps, z_prior, cfg):
+    """The three networks' losses written out plainly, from one ordinary forward pass.
+
+    Returns ({network name: its loss}, stats). The reference for the routed step.
+    """
+    enc, dec, dis = model.encoder, model.decoder, model.discriminator
+    batch = x.shape[0]
+    own = {}
+    kl = llike = dis_loss = gen_loss = real_cost = fake_cost = None
+    if enc is not None:
+        mu, logvar = enc(x)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        x_rec = dec(z)
+        kl = losses.kl_divergence(mu, logvar).mean()
+        if dis is None:
+            llike = losses.pixel_nll(x_rec, x).mean()
+        else:
+            features_rec, features_real = _split(dis(torch.cat([x_rec, x]), features_only=True), batch)
+            llike = losses.feature_nll(features_rec, features_real.detach()).mean()
+        own["encoder"] = kl + llike
+        own["decoder"] = decoder_llike_weight(cfg) * llike
+    if dis is not None:
+        x_prior = dec(z_prior)
+        fakes = torch.cat([x_prior, x_rec]) if cfg.dis_sees_recon and cfg.kind != "vae-disl" else x_prior
+        if cfg.kind == "vae-disl":
+            fakes = fakes.detach()
+        logits_real, logits_fake = _split(dis(torch.cat([x, fakes])), batch)
+        dis_loss = discriminator_loss(cfg, logits_real, logits_fake)
+        own["discriminator"] = dis_loss
+        if cfg.kind != "vae-disl":
+            # Minimax: the decoder descends all of -L_dis. With BatchNorm over concat[x, fakes], even
+            # log Dis(x) depends on the fakes through the batch statistics: the authors' gradient
+            # reversal includes that, and so does this.
+            gen_loss = -dis_loss if cfg.saturating else non_saturating_generator_loss(cfg, logits_fake)
+            own["decoder"] = own.get("decoder", 0.0) + gen_loss
+        real_cost, fake_cost = losses.equilibrium_costs(logits_real, logits_fake[:batch])
+    return own, _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost, fake_cost=fake_cost)
+
+
+def compute_gradients_reference(model, x, eps, z_prior, cfg):
+    """Each network's gradient of its own loss, one autograd.grad per network (slow, obvious)."""
+    own, stats = network_losses(model, x, eps, z_prior, cfg)
+    nets = model.networks()
+    for i, (name, loss) in enumerate(own.items()):
+        params = list(nets[name].parameters())
+        grads = torch.autograd.grad(loss, params, retain_graph=i < len(own) - 1, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
+    return stats
+
+
+def equilibrium_decisions(cfg, real_cost, fake_cost):
+    """(update_decoder, update_discriminator) by the authors' equilibrium rule.
+
+    Skip the discriminator if either cost is below value - margin (it is winning), the decoder
+    if either is above value + margin (it is losing); if both would be skipped, update both.
+    Takes Python floats. The encoder always updates.
+    """
+    if not cfg.equilibrium or cfg.kind in ("vae",):
+        return True, True
+    low, high = cfg.equilibrium_value - cfg.margin, cfg.equilibrium_value + cfg.margin
+    update_dis = not (real_cost < low or fake_cost < low)
+    update_dec = not (real_cost > high or fake_cost > high)
+    if cfg.kind == "vae-disl":  # the decoder learns from L_llike alone: the rule only paces the discriminator
+        return True, update_dis
+    if not update_dis and not update_dec:
+        return True, True
+    return update_dec, update_dis
