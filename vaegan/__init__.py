@@ -1,0 +1,18 @@
+"""vaegan: a fast, exact trainer for the VAE/GAN of Larsen et al., ICML 2016."""
+__version__ = "0.1.0"
+
+
+def load(path, device="cpu"):
+    """The model of a run directory or checkpoint file, in eval mode.
+
+    It has encode(x) -> (mu, logvar), decode(z), reconstruct(x) and sample(n, seed=...);
+    images are (N, C, H, W) in [-1, 1].
+    """
+    from .checkpoint import load as load_checkpoint
+    from .models import VAEGAN
+
+    state = load_checkpoint(path)
+    cfg = state["config"]
+    model = VAEGAN(cfg["model"], cfg["image_size"], cfg["channels"], cfg["latent_size"], cfg["fc_width"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()

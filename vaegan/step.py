@@ -89,6 +89,11 @@ def at_least_fp32(t):
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def pixel_mse(x_rec, x):
+    """Mean squared pixel error of the reconstructions: a diagnostic, no network descends it here."""
+    return (x_rec.detach().float() - x.float()).pow(2).mean()
+
+
 def _stats(**tensors):
     return {name: t.detach() for name, t in tensors.items() if t is not None}
 
@@ -104,7 +109,7 @@ def compute_gradients(model, x, eps, z_prior, cfg, autocast_dtype=None):
         p.grad = None
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
     batch = x.shape[0]
-    kl = llike = dis_loss = gen_loss = real_cost = fake_cost = None
+    kl = llike = dis_loss = gen_loss = real_cost = fake_cost = pixel_error = None
     with _autocast(x, autocast_dtype):
         total = 0.0
         if enc is not None:
@@ -114,6 +119,7 @@ def compute_gradients(model, x, eps, z_prior, cfg, autocast_dtype=None):
             w = decoder_llike_weight(cfg)
             x_rec = dec(scale_grad(z, 1.0 / w))  # the encoder receives dL_llike/dz at weight 1 ...
             x_rec_llike = scale_grad(x_rec, w)    # ... and the decoder at weight w
+            pixel_error = pixel_mse(x_rec, x)
             if dis is None:  # plain VAE: the Gaussian in pixel space
                 llike = losses.pixel_nll(at_least_fp32(x_rec_llike), at_least_fp32(x)).mean()
             else:
@@ -143,7 +149,8 @@ def compute_gradients(model, x, eps, z_prior, cfg, autocast_dtype=None):
                     total = total + gen_loss
             real_cost, fake_cost = losses.equilibrium_costs(logits_real, logits_fake[:batch])
     total.backward()
-    return _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost, fake_cost=fake_cost)
+    return _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost, fake_cost=fake_cost,
+                  pixel_error=pixel_error)
 
 
 def network_losses(model, x, eps, z_prior, cfg):
@@ -154,11 +161,12 @@ def network_losses(model, x, eps, z_prior, cfg):
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
     batch = x.shape[0]
     own = {}
-    kl = llike = dis_loss = gen_loss = real_cost = fake_cost = None
+    kl = llike = dis_loss = gen_loss = real_cost = fake_cost = pixel_error = None
     if enc is not None:
         mu, logvar = enc(x)
         z = mu + torch.exp(0.5 * logvar) * eps
         x_rec = dec(z)
+        pixel_error = pixel_mse(x_rec, x)
         kl = losses.kl_divergence(mu, logvar).mean()
         if dis is None:
             llike = losses.pixel_nll(x_rec, x).mean()
@@ -182,7 +190,8 @@ def network_losses(model, x, eps, z_prior, cfg):
             gen_loss = -dis_loss if cfg.saturating else non_saturating_generator_loss(cfg, logits_fake)
             own["decoder"] = own.get("decoder", 0.0) + gen_loss
         real_cost, fake_cost = losses.equilibrium_costs(logits_real, logits_fake[:batch])
-    return own, _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost, fake_cost=fake_cost)
+    return own, _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost,
+                       fake_cost=fake_cost, pixel_error=pixel_error)
 
 
 def compute_gradients_reference(model, x, eps, z_prior, cfg):

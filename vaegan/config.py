@@ -1,0 +1,179 @@
+"""Every value a training run uses, its command-line option and its check."""
+import argparse
+import time
+from dataclasses import asdict, dataclass, fields
+
+from .data.datasets import BUILTIN
+from .models import MODEL_KINDS, SUPPORTED_IMAGE_SIZES
+
+DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
+DEFAULT_STEPS_BUILTIN = 300       # a few minutes on two CPU cores
+
+
+@dataclass
+class TrainConfig:
+    data: str = BUILTIN
+    model: str = "vaegan"
+    image_size: int = None  # default: 32 for the built-in faces, else 64
+    channels: int = None    # default: 1 for the built-in faces, else 3
+    latent_size: int = 128
+    fc_width: int = 1024    # the authors' code; the paper's table says 2048
+    batch_size: int = 64    # per process
+    steps: int = None       # default: 62,500 on real data, 300 on the built-in faces
+    lr: float = 3e-4
+    optimizer: str = "rmsprop"
+    weight_decay: float = 1e-5
+    gamma: float = 1e-6
+    real_weight: float = 0.5
+    fake_weight: float = 0.5
+    decoder_gan_loss: str = "minimax"
+    gan_loss_form: str = "logits"
+    dis_sees_recon: bool = False
+    equilibrium: bool = True
+    equilibrium_value: float = 0.68
+    margin: float = 0.35
+    flip: bool = True
+    sync_bn: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    workers: int = 4
+    out: str = None  # default: runs/MODEL-TIMESTAMP
+    resume: str = None
+    log_every: int = 10
+    sample_every: int = 100
+    checkpoint_every: int = 100
+    keep_every: int = 5000
+
+    def resolved(self):
+        """A copy with every data-dependent default filled in."""
+        values = asdict(self)
+        builtin = self.data == BUILTIN
+        if values["image_size"] is None:
+            values["image_size"] = 32 if builtin else 64
+        if values["channels"] is None:
+            values["channels"] = 1 if builtin else 3
+        if values["steps"] is None:
+            values["steps"] = DEFAULT_STEPS_BUILTIN if builtin else DEFAULT_STEPS_REAL_DATA
+        if values["out"] is None:
+            values["out"] = f"runs/{self.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return TrainConfig(**values)
+
+
+# Options that may differ when a run is resumed; every other value comes from the checkpoint.
+RESUMABLE_OVERRIDES = ("steps", "device", "workers", "out", "resume", "log_every", "sample_every",
+                       "checkpoint_every", "keep_every")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a positive integer, not {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} takes a positive integer, not {value}")
+        return value
+    return parse
+
+
+def number(name, minimum=0.0, inclusive=False):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes a number, not {text!r}") from None
+        if not (value >= minimum if inclusive else value > minimum) or value != value or value == float("inf"):
+            bound = f">= {minimum}" if inclusive else f"> {minimum}"
+            raise argparse.ArgumentTypeError(f"{name} takes a finite number {bound}, not {text}")
+        return value
+    return parse
+
+
+def add_train_arguments(parser):
+    """The options of `train.py` and `vaegan train` (one list, so they cannot drift apart)."""
+    d = TrainConfig()
+    a = parser.add_argument
+    a("--data", default=d.data, help=f"CelebA root (holds img_align_celeba/), any folder of JPEG/PNG images "
+      f"(recursive), or {BUILTIN}: the 100 LFW face crops shipped in scikit-image (default)")
+    a("--model", choices=MODEL_KINDS, default=d.model,
+      help="vaegan: the full model; vae: pixel-space VAE; gan: plain GAN; vae-disl: VAE with the learned "
+           "metric and no GAN gradient into the decoder (default: vaegan)")
+    a("--image-size", type=int, choices=SUPPORTED_IMAGE_SIZES, default=None,
+      help="image side in pixels (default: 32 for the built-in faces, else 64)")
+    a("--channels", type=int, choices=(1, 3), default=None, help="1 (grayscale) or 3 (default: 1 built-in, else 3)")
+    a("--latent-size", type=positive_int("--latent-size"), default=d.latent_size, help="size of z (default: 128)")
+    a("--fc-width", type=positive_int("--fc-width"), default=d.fc_width,
+      help="encoder FC width (default: 1024, the authors' code; the paper's table: 2048)")
+    a("--batch-size", type=positive_int("--batch-size"), default=d.batch_size, help="images per process and step (default: 64)")
+    a("--steps", type=positive_int("--steps"), default=None,
+      help=f"total training steps (default: {DEFAULT_STEPS_REAL_DATA} on real data, {DEFAULT_STEPS_BUILTIN} on the built-in faces)")
+    a("--lr", type=number("--lr"), default=d.lr, help="learning rate (default: 3e-4, the paper's)")
+    a("--optimizer", choices=("rmsprop", "adam"), default=d.optimizer,
+      help="rmsprop (alpha 0.9, eps 1e-8, the paper's) or adam (betas 0.5, 0.999) (default: rmsprop)")
+    a("--weight-decay", type=number("--weight-decay", inclusive=True), default=d.weight_decay,
+      help="coupled L2 on conv/linear weights (default: 1e-5)")
+    a("--gamma", type=number("--gamma"), default=d.gamma,
+      help="weight of L_llike in the decoder's loss, on the per-image feature sum (default: 1e-6)")
+    a("--real-weight", type=number("--real-weight", inclusive=True), default=d.real_weight,
+      help="weight of -log Dis(x) in the discriminator loss (default: 0.5)")
+    a("--fake-weight", type=number("--fake-weight", inclusive=True), default=d.fake_weight,
+      help="weight of -log(1-Dis(fake)) in the discriminator loss (default: 0.5)")
+    a("--decoder-gan-loss", choices=("minimax", "non-saturating"), default=d.decoder_gan_loss,
+      help="the decoder's adversarial term: minimax (the authors' reversed gradient) or -log Dis(x_p) (default: minimax)")
+    a("--gan-loss-form", choices=("logits", "eps"), default=d.gan_loss_form,
+      help="log-losses from logits (stable) or the authors' log(p + 1e-3) (default: logits)")
+    a("--dis-sees-recon", action="store_true",
+      help="also show reconstructions to the discriminator as fakes (the paper's Algorithm 1; vaegan only)")
+    a("--no-equilibrium", dest="equilibrium", action="store_false",
+      help="always update decoder and discriminator (default: the authors' equilibrium rule)")
+    a("--equilibrium-value", type=number("--equilibrium-value"), default=d.equilibrium_value,
+      help="centre of the equilibrium rule (default: 0.68)")
+    a("--margin", type=number("--margin", inclusive=True), default=d.margin, help="margin of the equilibrium rule (default: 0.35)")
+    a("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
+    a("--sync-bn", action="store_true",
+      help="BatchNorm statistics over the global batch across processes (default: each process's own batch)")
+    a("--seed", type=int, default=d.seed, help="seed of initialisation, data order, flips and noise (default: 0)")
+    a("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: auto: cuda if available)")
+    a("--precision", choices=("fp32", "bf16"), default=d.precision, help="fp32, or bf16 autocast (default: fp32)")
+    a("--workers", type=int, default=d.workers, help="DataLoader worker processes for image files (default: 4)")
+    a("--out", default=None, help="run directory (default: runs/MODEL-TIMESTAMP)")
+    a("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly where its checkpoint stopped")
+    a("--log-every", type=positive_int("--log-every"), default=d.log_every, help="steps between metrics lines (default: 10)")
+    a("--sample-every", type=positive_int("--sample-every"), default=d.sample_every,
+      help="steps between sample/reconstruction grids (default: 100)")
+    a("--checkpoint-every", type=positive_int("--checkpoint-every"), default=d.checkpoint_every,
+      help="steps between rewrites of checkpoint.pt (default: 100)")
+    a("--keep-every", type=positive_int("--keep-every"), default=d.keep_every,
+      help="steps between kept checkpoint-STEP.pt files (default: 5000)")
+    return parser
+
+
+def config_from_args(args, explicitly_given):
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if cfg.workers < 0:
+        raise ConfigError(f"--workers takes 0 or more, not {cfg.workers}")
+    if cfg.dis_sees_recon and cfg.model != "vaegan":
+        raise ConfigError(f"--dis-sees-recon applies to --model vaegan only, not {cfg.model}")
+    if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
+        raise ConfigError(f"--device takes auto, cpu, cuda or cuda:N, not {cfg.device!r}")
+    cfg.explicit = set(explicitly_given)
+    return cfg
+
+
+def explicitly_given(parser, argv):
+    """Names of the options present on the command line (not defaulted)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kwargs["action"] = "store_const"
+                kwargs["const"] = True
+            probe.add_argument(*action.option_strings, **kwargs)
+    known, _ = probe.parse_known_args(argv)
+    return set(vars(known))

@@ -1,0 +1,135 @@
+"""Data-parallel training across processes started by torchrun (NCCL on GPUs, gloo on CPU).
+
+Gradients are averaged with one flat all-reduce per step rather than by wrapping each network
+in DistributedDataParallel: the split update calls the decoder and the discriminator several
+times per backward pass (and once with detached parameters), which DDP's reducer does not
+model. The same all-reduce carries the equilibrium costs (so every rank takes the same skip
+decisions), the stop request of a rank that received SIGTERM, and the BatchNorm running
+statistics.
+
+BatchNorm: by default each rank normalises with the statistics of its own batch (as the
+paper's single-GPU batch of 64 did) and the running statistics are averaged across ranks
+every step, so that replicas stay identical, buffers included. `--sync-bn` replaces every
+BatchNorm with GlobalBatchNorm, whose batch statistics are those of the global batch: then
+N processes compute exactly what one process computes on the concatenated batch.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup(device_type):
+    """Join the process group torchrun describes in the environment; a no-op without torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Context()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Context(rank, world_size, local_rank)
+
+
+def teardown(ctx):
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_state(module, ctx):
+    """Make every rank start from rank 0's parameters and buffers."""
+    if ctx.distributed:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def running_stat_buffers(module):
+    return [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+
+
+def average_step(module, scalars, ctx):
+    """Average gradients, BatchNorm running statistics and `scalars` (a dict of 0-d tensors) across ranks.
+
+    Returns the averaged scalars as Python floats (this is the step's one synchronisation).
+    """
+    names = sorted(scalars)
+    values = torch.stack([scalars[n].float().reshape(()) for n in names]) if names else None
+    if ctx.distributed:
+        params = [p for p in module.parameters() if p.grad is not None]
+        buffers = running_stat_buffers(module)
+        tensors = [p.grad for p in params] + buffers + ([values] if values is not None else [])
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= ctx.world_size
+        offset = 0
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset:offset + n].view_as(t))
+            offset += n
+    return dict(zip(names, values.tolist())) if names else {}
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the batch across all ranks.
+
+    Works on any backend (torch.nn.SyncBatchNorm is CUDA-only); the statistics travel through
+    a differentiable all-reduce, so the backward pass is that of the global batch too.
+    """
+
+    def _check_input_dim(self, x):
+        if x.dim() not in (2, 4):
+            raise ValueError(f"expected 2-D or 4-D input, got {x.dim()}-D")
+
+    def forward(self, x):
+        if not self.training or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return super().forward(x)
+        channels = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float()
+        count = xf.new_full((1,), x.numel() // channels)
+        totals = dist_nn.all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        var = totals[channels:2 * channels] / n - mean * mean
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+                self.num_batches_tracked.add_(1)
+        return y.to(x.dtype)
+
+
+def convert_to_global_batchnorm(module):
+    """Replace every BatchNorm1d/2d in `module` by a GlobalBatchNorm with the same state."""
+    for name, child in module.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            replacement = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                          child.track_running_stats)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            convert_to_global_batchnorm(child)
+    return module

@@ -1,0 +1,274 @@
+"""The training loop: set-up, the step, logging, samples, checkpoints, resume and signals."""
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, fields
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, distributed
+from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
+from .data import DataError, StepBatchSampler, build_dataset, make_loader
+from .images import interleave, save_grid
+from .models import VAEGAN
+from .step import StepConfig, compute_gradients, equilibrium_decisions
+
+GRID_IMAGES = 32
+LOSS_NAMES = ("kl", "llike", "dis_loss", "gen_loss", "real_cost", "fake_cost", "pixel_error")
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def step_config(cfg):
+    return StepConfig(kind=cfg.model, gamma=cfg.gamma, real_weight=cfg.real_weight, fake_weight=cfg.fake_weight,
+                      saturating=cfg.decoder_gan_loss == "minimax", gan_loss_form=cfg.gan_loss_form,
+                      dis_sees_recon=cfg.dis_sees_recon, equilibrium=cfg.equilibrium,
+                      equilibrium_value=cfg.equilibrium_value, margin=cfg.margin)
+
+
+def build_model(cfg):
+    model = VAEGAN(cfg.model, cfg.image_size, cfg.channels, cfg.latent_size, cfg.fc_width)
+    if cfg.sync_bn:
+        distributed.convert_to_global_batchnorm(model)
+    return model
+
+
+def build_optimizers(model, cfg):
+    """One optimizer per network; coupled L2 weight decay on conv/linear weights only."""
+    optimizers = {}
+    for name, net in model.networks().items():
+        decay = [p for p in net.parameters() if p.dim() > 1]
+        no_decay = [p for p in net.parameters() if p.dim() <= 1]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.optimizer == "rmsprop":
+            optimizers[name] = torch.optim.RMSprop(groups, lr=cfg.lr, alpha=0.9, eps=1e-8)
+        else:
+            optimizers[name] = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.5, 0.999))
+    return optimizers
+
+
+def step_noise(seed, step, global_batch, latent_size, rank, batch_size):
+    """(eps, z_prior) for this rank: slices of the global batch's noise, drawn from (seed, step)."""
+    generator = torch.Generator()
+    generator.manual_seed((seed + 1) * 2_000_003 + step)
+    noise = torch.randn(2, global_batch, latent_size, generator=generator)
+    lo = rank * batch_size
+    return noise[0, lo:lo + batch_size], noise[1, lo:lo + batch_size]
+
+
+def merge_resumed_config(cfg, saved):
+    """The saved run's configuration, with the options that may change taken from `cfg`."""
+    values = dict(saved)
+    for name in getattr(cfg, "explicit", ()):
+        if name in RESUMABLE_OVERRIDES:
+            values[name] = getattr(cfg, name)
+        elif name in values and getattr(cfg, name) != values[name]:
+            raise ConfigError(f"--{name.replace('_', '-')} cannot change when resuming "
+                              f"(the run used {values[name]!r}); only "
+                              f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE_OVERRIDES)} may")
+    if "out" not in getattr(cfg, "explicit", ()):
+        values["out"] = cfg.resume
+    values["resume"] = cfg.resume
+    return TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
+
+
+class StopRequest:
+    """SIGTERM (and SIGINT) ask the loop to finish its step, save and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def trim_metrics(path, last_step):
+    """On resume, drop the lines of steps after the checkpoint (they will be logged again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    checkpoint.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+
+def log(ctx, message):
+    if ctx.is_main:
+        tqdm.write(message, file=sys.stderr)
+
+
+def train(cfg):
+    """Train as `cfg` says; returns the run directory."""
+    if cfg.resume:
+        saved = checkpoint.load(cfg.resume)
+        cfg = merge_resumed_config(cfg, saved["config"])
+    else:
+        saved = None
+        cfg = cfg.resolved()
+        if os.path.exists(os.path.join(cfg.out, checkpoint.CHECKPOINT)):
+            raise ConfigError(f"{cfg.out} already holds a run: pass --resume {cfg.out} to continue it, "
+                              "or choose another --out")
+    device = resolve_device(cfg.device)
+    ctx = distributed.setup(device.type)
+    try:
+        if device.type == "cuda" and ctx.distributed:
+            device = torch.device("cuda", ctx.local_rank)
+        return run(cfg, ctx, device, saved)
+    finally:
+        distributed.teardown(ctx)
+
+
+def run(cfg, ctx, device, saved):
+    torch.manual_seed(cfg.seed)
+    dataset = build_dataset(cfg.data, "train", cfg.image_size, cfg.channels)
+    model = build_model(cfg).to(device)
+    optimizers = build_optimizers(model, cfg)
+    start_step, skips, unreadable = 0, {"decoder": 0, "discriminator": 0}, set()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(saved["optimizers"][name])
+        start_step, skips, unreadable = saved["step"], dict(saved["skips"]), set(saved["unreadable"])
+        torch.set_rng_state(saved["torch_rng"])
+    distributed.broadcast_state(model, ctx)
+    scfg = step_config(cfg)
+    autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    global_batch = cfg.batch_size * ctx.world_size
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
+                               cfg.steps, cfg.flip)
+    loader = make_loader(dataset, sampler, cfg.workers, pin_memory=device.type == "cuda")
+
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    writer = None
+    if ctx.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        checkpoint.write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        trim_metrics(metrics_path, start_step)
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=start_step + 1)
+    parameters = sum(p.numel() for p in model.parameters())
+    log(ctx, f"vaegan: model {cfg.model} ({parameters / 1e6:.1f}M parameters), {cfg.image_size}x{cfg.image_size}x"
+             f"{cfg.channels}, data {dataset.name}: {len(dataset)} images")
+    log(ctx, f"vaegan: device {device}, precision {cfg.precision}, loader pil ({loader.num_workers} workers), "
+             f"kernels torch, {ctx.world_size} process(es) x batch {cfg.batch_size}, "
+             f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
+    log(ctx, f"vaegan: {'resuming at' if saved else 'starting at'} step {start_step} of {cfg.steps}; run directory {cfg.out}")
+
+    def save_checkpoint(step):
+        if not ctx.is_main:
+            return
+        state = {"step": step, "config": asdict(cfg), "model": model.state_dict(),
+                 "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                 "skips": skips, "unreadable": sorted(unreadable), "torch_rng": torch.get_rng_state()}
+        checkpoint.save(os.path.join(cfg.out, checkpoint.CHECKPOINT), state)
+        if step > 0 and step % cfg.keep_every == 0:
+            checkpoint.save(os.path.join(cfg.out, f"checkpoint-{step:07d}.pt"), state)
+
+    grid_noise = torch.randn(GRID_IMAGES, cfg.latent_size, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    grid_originals = torch.stack([dataset[(i, False)][0] for i in range(min(GRID_IMAGES // 2, len(dataset)))]).to(device)
+
+    def save_grids(step):
+        if not ctx.is_main:
+            return
+        model.eval()
+        with torch.no_grad():
+            save_grid(os.path.join(cfg.out, f"samples-{step:07d}.png"), model.decoder(grid_noise))
+            if model.encoder is not None:
+                mu, _ = model.encoder(grid_originals)
+                save_grid(os.path.join(cfg.out, f"reconstructions-{step:07d}.png"),
+                          interleave(grid_originals, model.decoder(mu)))
+        model.train()
+
+    if saved is None:
+        save_checkpoint(0)  # from here on, a kill at any moment leaves a loadable checkpoint
+    model.train()
+    step = start_step
+    interval_start, interval_steps, interval_skips = time.perf_counter(), 0, {"decoder": 0, "discriminator": 0}
+    progress = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not ctx.is_main, dynamic_ncols=True,
+                    file=sys.stderr)
+    with StopRequest() as stop:
+        for images, _attributes, bad_files in loader:
+            for path in bad_files:
+                if path not in unreadable:
+                    unreadable.add(path)
+                    log(ctx, f"vaegan: skipped unreadable image {path} ({len(unreadable)} skipped so far)")
+            if len(unreadable) > max(1, len(dataset) // 10):
+                raise DataError(f"{len(unreadable)} of {len(dataset)} images in {dataset.name} are unreadable "
+                                  f"(first: {sorted(unreadable)[0]})")
+            x = images.to(device, non_blocking=True)
+            eps, z_prior = (t.to(device) for t in step_noise(cfg.seed, step, global_batch, cfg.latent_size,
+                                                               ctx.rank, cfg.batch_size))
+            stats = compute_gradients(model, x, eps, z_prior, scfg, autocast_dtype)
+            stats["stop"] = torch.tensor(float(stop.requested), device=device)
+            stats = distributed.average_step(model, stats, ctx)
+            bad = [n for n in LOSS_NAMES if n in stats and stats[n] != stats[n]]
+            if bad or any(abs(stats[n]) == float("inf") for n in LOSS_NAMES if n in stats):
+                raise FloatingPointError(f"step {step}: loss became non-finite "
+                                         f"({', '.join(f'{n}={stats[n]}' for n in LOSS_NAMES if n in stats)}); "
+                                         f"the last good checkpoint is in {cfg.out}")
+            update = {"encoder": True, "decoder": True, "discriminator": True}
+            if "real_cost" in stats:
+                update["decoder"], update["discriminator"] = equilibrium_decisions(scfg, stats["real_cost"],
+                                                                                   stats["fake_cost"])
+            for name, opt in optimizers.items():
+                if update[name]:
+                    opt.step()
+                else:
+                    skips[name] += 1
+                    interval_skips[name] += 1
+            step += 1
+            interval_steps += 1
+            progress.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - interval_start
+                img_per_s = interval_steps * global_batch / elapsed
+                record = {"step": step, **{n: stats[n] for n in LOSS_NAMES if n in stats},
+                          "update_decoder": update["decoder"], "update_discriminator": update["discriminator"],
+                          "skipped_decoder": interval_skips["decoder"],
+                          "skipped_discriminator": interval_skips["discriminator"],
+                          "img_per_s": img_per_s, "unreadable_images": len(unreadable)}
+                if ctx.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    for name, value in record.items():
+                        if name != "step":
+                            writer.add_scalar(name, float(value), step)
+                    shown = {n: stats[n] for n in ("llike", "kl", "dis_loss", "pixel_error") if n in stats}
+                    progress.set_postfix({**{k: f"{v:.3g}" for k, v in shown.items()}, "img/s": f"{img_per_s:.0f}"})
+                interval_start, interval_steps = time.perf_counter(), 0
+                interval_skips = {"decoder": 0, "discriminator": 0}
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                save_grids(step)
+            stopping = stats["stop"] > 0
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping or step % cfg.keep_every == 0:
+                save_checkpoint(step)
+            if stopping:
+                log(ctx, f"vaegan: stop requested; saved step {step} to {cfg.out}, resume with --resume {cfg.out}")
+                break
+    progress.close()
+    if writer is not None:
+        writer.close()
+    if unreadable:
+        log(ctx, f"vaegan: {len(unreadable)} unreadable image(s) were skipped (listed in the checkpoint)")
+    log(ctx, f"vaegan: done at step {step}; run directory {cfg.out}")
+    return cfg.out
