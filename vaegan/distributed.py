@@ -133,3 +133,18 @@ def convert_to_global_batchnorm(module):
         else:
             convert_to_global_batchnorm(child)
     return module
+
+
+def check_replicas(module, ctx):
+    """Raise if any rank's parameters or buffers differ from rank 0's (compared by per-tensor checksums)."""
+    if not ctx.distributed:
+        return
+    tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+    local = torch.stack([torch.stack([t.double().sum(), t.double().pow(2).sum()]) for t in tensors]).flatten()
+    reference = local.clone()
+    dist.broadcast(reference, src=0)
+    mismatch = torch.tensor([float(not torch.equal(local.cpu(), reference.cpu()))], device=local.device)
+    dist.all_reduce(mismatch)
+    if mismatch.item() > 0:
+        raise RuntimeError(f"replicas diverged: {int(mismatch.item())} rank(s) hold parameters or buffers "
+                           "that differ from rank 0's")

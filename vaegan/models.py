@@ -4,6 +4,7 @@
 network still works on a 256x8x8 representation (and `Dis_l` is the 3rd convolution).
 """
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -153,7 +154,24 @@ class VAEGAN(nn.Module):
         names = ("encoder", "decoder", "discriminator")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    # The inference API (vaegan.load returns this model in eval mode).
+    @contextmanager
+    def batch_statistics(self):
+        """No-grad inference that normalises with each batch's own statistics, as training does,
+        leaving the running statistics untouched. Early in training (and for GANs generally) the
+        running statistics can lag far behind the weights; batch statistics then show what the
+        networks have learnt."""
+        saved = {name: b.clone() for name, b in self.named_buffers()}
+        was_training = self.training
+        self.train()
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            for name, b in self.named_buffers():
+                b.copy_(saved[name])
+            self.train(was_training)
+
+    # The inference API (vaegan.load returns this model in eval mode: running statistics).
     @torch.no_grad()
     def encode(self, x):
         """Images in [-1, 1], (N, C, H, W) -> (mu, logvar)."""

@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm import tqdm
@@ -116,8 +116,15 @@ def log(ctx, message):
         tqdm.write(message, file=sys.stderr)
 
 
+@dataclass
+class RunResult:
+    out: str
+    step: int
+    model: VAEGAN
+
+
 def train(cfg):
-    """Train as `cfg` says; returns the run directory."""
+    """Train as `cfg` says; returns the run directory, the last step and the model."""
     if cfg.resume:
         saved = checkpoint.load(cfg.resume)
         cfg = merge_resumed_config(cfg, saved["config"])
@@ -174,6 +181,7 @@ def run(cfg, ctx, device, saved):
     log(ctx, f"vaegan: {'resuming at' if saved else 'starting at'} step {start_step} of {cfg.steps}; run directory {cfg.out}")
 
     def save_checkpoint(step):
+        distributed.check_replicas(model, ctx)
         if not ctx.is_main:
             return
         state = {"step": step, "config": asdict(cfg), "model": model.state_dict(),
@@ -187,16 +195,17 @@ def run(cfg, ctx, device, saved):
     grid_originals = torch.stack([dataset[(i, False)][0] for i in range(min(GRID_IMAGES // 2, len(dataset)))]).to(device)
 
     def save_grids(step):
-        if not ctx.is_main:
-            return
-        model.eval()
-        with torch.no_grad():
-            save_grid(os.path.join(cfg.out, f"samples-{step:07d}.png"), model.decoder(grid_noise))
+        # Every rank computes (GlobalBatchNorm's statistics are collective); rank 0 writes.
+        with model.batch_statistics():
+            samples = model.decoder(grid_noise)
+            pairs = None
             if model.encoder is not None:
                 mu, _ = model.encoder(grid_originals)
-                save_grid(os.path.join(cfg.out, f"reconstructions-{step:07d}.png"),
-                          interleave(grid_originals, model.decoder(mu)))
-        model.train()
+                pairs = interleave(grid_originals, model.decoder(mu))
+        if ctx.is_main:
+            save_grid(os.path.join(cfg.out, f"samples-{step:07d}.png"), samples)
+            if pairs is not None:
+                save_grid(os.path.join(cfg.out, f"reconstructions-{step:07d}.png"), pairs)
 
     if saved is None:
         save_checkpoint(0)  # from here on, a kill at any moment leaves a loadable checkpoint
@@ -271,4 +280,4 @@ def run(cfg, ctx, device, saved):
     if unreadable:
         log(ctx, f"vaegan: {len(unreadable)} unreadable image(s) were skipped (listed in the checkpoint)")
     log(ctx, f"vaegan: done at step {step}; run directory {cfg.out}")
-    return cfg.out
+    return RunResult(cfg.out, step, model)

@@ -38,5 +38,5 @@ def preprocess(image, size, channels, celeba):
         image = image.crop(CELEBA_CROP)
     else:
         image = centre_square(image)
-    array = np.asarray(lowpass_resize(image, size), dtype=np.uint8)
+    array = np.array(lowpass_resize(image, size), dtype=np.uint8)
     return array.reshape(size, size, channels)

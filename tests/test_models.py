@@ -1,0 +1,56 @@
+import math
+
+import pytest
+import torch
+
+from vaegan.models import VAEGAN, Decoder, Discriminator, Encoder
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes(size, channels):
+    model = VAEGAN("vaegan", size, channels, latent_size=20, fc_width=48)
+    x = torch.rand(3, channels, size, size) * 2 - 1
+    mu, logvar = model.encoder(x)
+    assert mu.shape == logvar.shape == (3, 20)
+    out = model.decoder(mu)
+    assert out.shape == x.shape and out.abs().max() <= 1
+    assert model.discriminator(x).shape == (3,)
+    assert model.discriminator(x, features_only=True).shape == (3, 256, 8, 8)  # Dis_l: 16,384 features
+
+
+def test_64px_networks_follow_the_papers_table():
+    convs = [m for m in Discriminator(64, 3).features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 128, 256, 256]  # Dis_l is the 4th convolution
+    assert convs[0].bias is not None and all(c.bias is None for c in convs[1:])
+    assert [m.out_channels for m in Encoder(64, 3).body if isinstance(m, torch.nn.Conv2d)] == [64, 128, 256]
+    ups = [m.out_channels for m in Decoder(64, 3).body if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert ups == [256, 128, 32]
+    assert all(c.kernel_size == (5, 5) for c in convs)
+
+
+def test_32px_discriminator_takes_features_at_the_third_convolution():
+    convs = [m for m in Discriminator(32, 3).features if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 3
+
+
+def test_initialisation_has_the_authors_std():
+    torch.manual_seed(0)
+    enc = VAEGAN("vaegan", 64, 3, fc_width=1024).encoder
+    fc = enc.body[-3]
+    assert isinstance(fc, torch.nn.Linear)
+    assert abs(fc.weight.std().item() - 1 / (3 * math.sqrt(fc.in_features))) < 1e-4
+    assert enc.mu.bias.abs().max() == 0
+
+
+def test_unsupported_image_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="image size 48 is not supported"):
+        VAEGAN("vaegan", 48)
+
+
+def test_model_variants_have_the_networks_they_need():
+    assert set(VAEGAN("vae", 32).networks()) == {"encoder", "decoder"}
+    assert set(VAEGAN("gan", 32).networks()) == {"decoder", "discriminator"}
+    assert set(VAEGAN("vae-disl", 32).networks()) == {"encoder", "decoder", "discriminator"}
+    with pytest.raises(ValueError, match="not one of"):
+        VAEGAN("vqgan", 32)
