@@ -38,6 +38,13 @@ def atomic_write(path, write):
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(directory):
+    """Temporary files that a killed run left behind (the files they were replacing are intact)."""
+    for name in os.listdir(directory):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.unlink(os.path.join(directory, name))
+
+
 def save(path, state):
     atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
 

@@ -168,6 +168,7 @@ def run(cfg, ctx, device, saved):
     writer = None
     if ctx.is_main:
         os.makedirs(cfg.out, exist_ok=True)
+        checkpoint.remove_stale_temporaries(cfg.out)
         checkpoint.write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
         trim_metrics(metrics_path, start_step)
         from torch.utils.tensorboard import SummaryWriter
