@@ -179,6 +179,8 @@ def run(cfg, ctx, device, saved):
     log(ctx, f"vaegan: device {device}, precision {cfg.precision}, loader pil ({loader.num_workers} workers), "
              f"kernels torch, {ctx.world_size} process(es) x batch {cfg.batch_size}, "
              f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
+    log(ctx, f"vaegan: {cfg.optimizer} lr {cfg.lr:g}, gamma {cfg.gamma:g}, decoder GAN loss {cfg.decoder_gan_loss}"
+             f"{', equilibrium rule' if cfg.equilibrium else ''}; every value used is in config.json")
     log(ctx, f"vaegan: {'resuming at' if saved else 'starting at'} step {start_step} of {cfg.steps}; run directory {cfg.out}")
 
     def save_checkpoint(step):

@@ -1,0 +1,193 @@
+"""The command line end to end: outputs, the load API, resume, signals, bad input."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import vaegan
+from conftest import ROOT, SMALL, TRAIN, make_folder, run_train
+
+SHORT = ["--steps", "4", "--log-every", "2", "--sample-every", "2", "--checkpoint-every", "2"]
+
+
+def metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_run_writes_config_metrics_grids_tensorboard_and_a_loadable_model(tmp_path):
+    out = tmp_path / "run"
+    done = run_train(SMALL + SHORT + ["--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    assert "device cpu, precision fp32, loader pil" in done.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 4 and config["gamma"] == 1e-3 and config["data"] == "builtin:faces"
+    assert set(config) >= {"model", "lr", "batch_size", "seed", "precision", "latent_size", "margin"}
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [2, 4]
+    for key in ("kl", "llike", "dis_loss", "gen_loss", "real_cost", "fake_cost", "update_decoder",
+                "update_discriminator", "skipped_decoder", "skipped_discriminator", "img_per_s"):
+        assert key in lines[-1], key
+    assert lines[-1]["img_per_s"] > 0
+    for name in ("samples-0000002.png", "reconstructions-0000004.png", "checkpoint.pt"):
+        assert (out / name).stat().st_size > 0
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+    model = vaegan.load(str(out))
+    assert not model.training
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (3, 16)
+    assert model.decode(mu).shape == x.shape and model.reconstruct(x).shape == x.shape
+    assert torch.equal(model.sample(5, seed=1), model.sample(5, seed=1))
+    assert not torch.equal(model.sample(5, seed=1), model.sample(5, seed=2))
+    with model.batch_statistics():
+        assert model.decode(mu).shape == x.shape
+    assert not model.training
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = tmp_path / "data"
+    make_folder(data, n=20)
+    common = SMALL + ["--data", str(data), "--workers", "2", "--log-every", "1", "--sample-every", "100",
+                      "--checkpoint-every", "100"]
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    assert run_train(common + ["--steps", "6", "--out", str(whole)]).returncode == 0
+    assert run_train(common + ["--steps", "3", "--out", str(half)]).returncode == 0
+    done = run_train(["--resume", str(half), "--steps", "6"])
+    assert done.returncode == 0, done.stderr
+    assert "resuming at step 3 of 6" in done.stderr
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
+    b = torch.load(half / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    for net in a["optimizers"]:
+        for key, state in a["optimizers"][net]["state"].items():
+            assert torch.equal(state["square_avg"], b["optimizers"][net]["state"][key]["square_avg"])
+    assert a["skips"] == b["skips"]
+    assert metrics(whole) == [{**m, "img_per_s": w["img_per_s"]} for m, w in zip(metrics(half), metrics(whole))]
+
+
+def test_resume_refuses_to_change_the_model_and_a_used_out_needs_resume(tmp_path):
+    out = tmp_path / "run"
+    assert run_train(SMALL + ["--steps", "1", "--out", str(out)]).returncode == 0
+    done = run_train(["--resume", str(out), "--lr", "0.1"])
+    assert done.returncode == 2 and "--lr cannot change when resuming" in done.stderr
+    done = run_train(SMALL + ["--steps", "1", "--out", str(out)])
+    assert done.returncode == 2 and f"--resume {out}" in done.stderr
+    done = run_train(["--resume", str(tmp_path / "nothing")])
+    assert done.returncode == 2 and "no checkpoint there" in done.stderr
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+
+
+def wait_for_step(run, process, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = os.path.join(run, "metrics.jsonl")
+        if os.path.exists(path) and any(json.loads(line)["step"] >= step for line in open(path) if line.strip()):
+            return
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    process = start(SMALL + ["--steps", "1000", "--log-every", "1", "--checkpoint-every", "1000", "--out", str(out)])
+    wait_for_step(out, process, 2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stop requested" in stderr
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] >= 2 and state["step"] == metrics(out)[-1]["step"]
+    done = run_train(["--resume", str(out), "--steps", str(state["step"] + 1)])
+    assert done.returncode == 0, done.stderr
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = SMALL + ["--steps", "1000", "--log-every", "1", "--checkpoint-every", "1", "--out", str(out)]
+    process = start(args)
+    wait_for_step(out, process, 1)
+    for delay in (0.0, 0.13, 0.29, 0.41, 0.07):  # kill at moments unrelated to the step
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        state = torch.load(out / "checkpoint.pt", weights_only=False)  # never torn
+        vaegan.load(str(out))
+        process = start(["--resume", str(out), "--steps", "1000"])
+        wait_for_step(out, process, state["step"] + 1)
+    process.kill()
+    process.wait()
+    assert vaegan.load(str(out)) is not None
+
+
+def test_corrupt_image_among_many_is_skipped_counted_and_reported(tmp_path):
+    data = tmp_path / "data"
+    paths = make_folder(data, n=8, nested=False)
+    with open(paths[0], "wb") as f:
+        f.write(b"garbage, not an image")
+    out = tmp_path / "run"
+    done = run_train(SMALL + ["--data", str(data), "--steps", "2", "--log-every", "1", "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    assert f"skipped unreadable image {paths[0]}" in done.stderr
+    assert "1 unreadable image(s) were skipped" in done.stderr
+    assert metrics(out)[-1]["unreadable_images"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "-1"], "--lr takes a finite number > 0.0, not -1"),
+    (["--image-size", "48"], "argument --image-size: invalid choice: 48"),
+    (["--model", "vqgan"], "invalid choice: 'vqgan'"),
+    (["--steps", "0"], "--steps takes a positive integer, not 0"),
+    (["--batch-size", "many"], "--batch-size takes a positive integer, not 'many'"),
+    (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    (["--device", "tpu"], "--device takes auto, cpu, cuda or cuda:N, not 'tpu'"),
+    (["--device", "cuda"], "CUDA is not available on this machine"),
+    (["--model", "vae", "--dis-sees-recon"], "--dis-sees-recon applies to --model vaegan only"),
+    (["--data", "/no/such/place"], "/no/such/place: no such directory"),
+])
+def test_bad_values_are_rejected_with_a_message_and_no_traceback(tmp_path, args, message):
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        args = ["--device", "cuda:999"]  # still a device this machine lacks
+        message = "cuda"
+    done = run_train(args + ["--out", str(tmp_path / "run"), "--steps", "1"])
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_vaegan_command_and_train_py_take_the_same_options():
+    vaegan_bin = shutil.which("vaegan", path=os.path.dirname(sys.executable)) or shutil.which("vaegan")
+    assert vaegan_bin, "the vaegan console command is not installed (pip install -e .)"
+    via_command = subprocess.run([vaegan_bin, "train", "--help"], capture_output=True, text=True)
+    via_script = subprocess.run([sys.executable, TRAIN, "--help"], capture_output=True, text=True)
+    assert via_command.returncode == via_script.returncode == 0
+
+    def options(text):
+        return sorted({w.strip("[],") for w in text.split() if w.startswith(("--", "[--"))})
+    assert options(via_command.stdout) == options(via_script.stdout)
+    assert {"--data", "--model", "--image-size", "--channels", "--batch-size", "--steps", "--lr", "--gamma",
+            "--seed", "--device", "--precision", "--out", "--resume", "--log-every",
+            "--sample-every"} <= set(options(via_script.stdout))
+
+
+def test_bf16_training_runs_on_cpu(tmp_path):
+    out = tmp_path / "run"
+    done = run_train(SMALL + ["--steps", "2", "--log-every", "1", "--precision", "bf16", "--out", str(out)])
+    assert done.returncode == 0, done.stderr
+    assert "precision bf16" in done.stderr
+    assert all(m["llike"] == m["llike"] for m in metrics(out))  # finite, not NaN
