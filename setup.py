@@ -9,7 +9,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vaegan", "vaegan.*", "kernels", "kernels.*"]),
     # torch: CPU machines install the pinned torch==2.13.0 first (see README); GPU nodes carry 2.11.
-    install_requires=["torch>=2.11", "numpy", "pillow", "tqdm", "tensorboard", "scikit-image"],
+    # triton: CPU machines install the pinned triton==3.7.1 (it matches torch 2.13.0); GPU nodes carry 3.6.
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "numpy", "pillow", "tqdm",
+                      "tensorboard", "scikit-image"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["vaegan=vaegan.cli:console_main"]},
 )

@@ -4,7 +4,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# The Triton kernels run on a CPU only under the interpreter, which must be chosen before any
+# kernel is decorated, i.e. before `kernels.*` is first imported: here, ahead of every test module.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from kernels import philox
 from vaegan import losses
 from vaegan.models import VAEGAN
 from vaegan.step import (StepConfig, compute_gradients, compute_gradients_reference, equilibrium_decisions,
@@ -20,11 +21,15 @@ VARIANTS = [
 ]
 
 
+NOISE_SEED = 1234
+
+
 def make(kind, size=32, channels=3, seed=0, dtype=torch.float64, batch=4, latent=12):
+    """A model and inputs; eps is the Philox noise that compute_gradients draws from NOISE_SEED."""
     torch.manual_seed(seed)
     model = VAEGAN(kind, size, channels, latent_size=latent, fc_width=40).to(dtype)
     x = torch.rand(batch, channels, size, size, dtype=dtype) * 2 - 1
-    eps = torch.randn(batch, latent, dtype=dtype)
+    eps = philox.rows_randn(NOISE_SEED, batch, latent).to(dtype)
     z_prior = torch.randn(batch, latent, dtype=dtype)
     return model, x, eps, z_prior
 
@@ -44,13 +49,28 @@ def assert_same_grads(got, want, rtol):
 def test_one_backward_equals_each_networks_own_gradient(variant):
     model, x, eps, z_prior = make(variant["kind"], seed=len(str(variant)))
     cfg = StepConfig(gamma=1e-3, **variant)
-    fast_stats = compute_gradients(model, x, eps, z_prior, cfg)
+    fast_stats = compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
     fast = grads(model)
     ref_stats = compute_gradients_reference(model, x, eps, z_prior, cfg)
     assert_same_grads(fast, grads(model), rtol=1e-9)
     for name in ref_stats:
         assert torch.allclose(fast_stats[name], ref_stats[name], rtol=1e-10), name
     assert all(g.abs().sum() > 0 for n, g in fast.items() if n.endswith("weight")), "a network got no gradient"
+
+
+@pytest.mark.parametrize("variant", [dict(kind="vaegan"), dict(kind="vaegan", saturating=False, dis_sees_recon=True),
+                                     dict(kind="vae"), dict(kind="gan", saturating=False)],
+                         ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_fused_kernels_give_the_reference_gradients(variant):
+    # The kernels compute in float32 whatever the input dtype: float32 tolerances.
+    model, x, eps, z_prior = make(variant["kind"], seed=11)
+    cfg = StepConfig(gamma=1e-3, kernels="triton", **variant)
+    fast_stats = compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
+    fast = grads(model)
+    ref_stats = compute_gradients_reference(model, x, eps, z_prior, cfg)
+    assert_same_grads(fast, grads(model), rtol=1e-4)
+    for name in ref_stats:
+        assert torch.allclose(fast_stats[name].double(), ref_stats[name].double(), rtol=1e-5, atol=1e-6), name
 
 
 def own_gradient(model, network, loss):
@@ -61,7 +81,7 @@ def own_gradient(model, network, loss):
 def test_discriminator_gradient_holds_nothing_of_llike_and_encoder_nothing_of_gan():
     model, x, eps, z_prior = make("vaegan", seed=3)
     cfg = StepConfig(gamma=1e-2)
-    compute_gradients(model, x, eps, z_prior, cfg)
+    compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
     got = [p.grad.clone() for p in model.discriminator.parameters()]
     own, _ = network_losses(model, x, eps, z_prior, cfg)
     # llike written without detaching the discriminator: what the discriminator must NOT receive
@@ -76,7 +96,7 @@ def test_discriminator_gradient_holds_nothing_of_llike_and_encoder_nothing_of_ga
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-9, atol=1e-14)
     # and the encoder's gradient is that of KL + llike, nothing of the GAN loss
-    compute_gradients(model, x, eps, z_prior, cfg)
+    compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
     enc_grads = [p.grad for p in model.encoder.parameters()]
     own, _ = network_losses(model, x, eps, z_prior, cfg)
     want_enc = own_gradient(model, "encoder", own["encoder"])
@@ -87,15 +107,15 @@ def test_discriminator_gradient_holds_nothing_of_llike_and_encoder_nothing_of_ga
 def test_gradients_come_from_the_parameters_at_the_start_of_the_step():
     model, x, eps, z_prior = make("vaegan", seed=5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    compute_gradients(model, x, eps, z_prior, StepConfig())
+    compute_gradients(model, x, z_prior, StepConfig(), NOISE_SEED)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_bf16_autocast_step_is_close_to_fp32():
     model, x, eps, z_prior = make("vaegan", seed=7, dtype=torch.float32, batch=8)
     cfg = StepConfig(gamma=1e-3)
-    fp32 = compute_gradients(model, x, eps, z_prior, cfg)
-    bf16 = compute_gradients(model, x, eps, z_prior, cfg, autocast_dtype=torch.bfloat16)
+    fp32 = compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
+    bf16 = compute_gradients(model, x, z_prior, cfg, NOISE_SEED, autocast_dtype=torch.bfloat16)
     for name in ("kl", "llike", "dis_loss"):
         assert bf16[name].dtype == torch.float32
         assert abs(bf16[name] - fp32[name]) <= 0.05 * abs(fp32[name]) + 1e-3, name

@@ -208,3 +208,25 @@ def test_short_training_on_real_faces_lowers_feature_and_pixel_errors(tmp_path):
     # The discriminator's features grow from their small initial scale in the first steps, so the
     # feature error first rises with them; after that it must fall well below its early level.
     assert mean(llike[-10:]) < 0.5 * max(llike[:15])
+
+
+def test_triton_kernels_train_like_the_reference_losses(tmp_path):
+    # Both kernel sets draw the same Philox noise, so the runs differ only by float rounding.
+    runs = {}
+    for kernel_set in ("torch", "triton"):
+        out = tmp_path / kernel_set
+        done = run_train(SMALL + ["--steps", "3", "--log-every", "1", "--kernels", kernel_set, "--out", str(out)])
+        assert done.returncode == 0, done.stderr
+        assert f"kernels {kernel_set} (" in done.stderr
+        runs[kernel_set] = metrics(out)
+    for torch_line, triton_line in zip(runs["torch"], runs["triton"]):
+        for key in ("kl", "llike", "dis_loss", "real_cost", "fake_cost", "pixel_error"):
+            assert triton_line[key] == pytest.approx(torch_line[key], rel=1e-3, abs=1e-4), (torch_line["step"], key)
+
+
+def test_triton_kernels_on_a_cpu_without_the_interpreter_are_a_clear_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = run_train(SMALL + ["--steps", "1", "--kernels", "triton", "--out", str(tmp_path / "run")], env=env)
+    assert done.returncode == 2
+    assert "--kernels triton: Triton kernels need a CUDA device" in done.stderr and "TRITON_INTERPRET=1" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
+    kernels: str = "auto"   # triton on CUDA, torch elsewhere
     workers: int = 4
     out: str = None  # default: runs/MODEL-TIMESTAMP
     resume: str = None
@@ -63,7 +64,7 @@ class TrainConfig:
 
 
 # Options that may differ when a run is resumed; every other value comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("steps", "device", "workers", "out", "resume", "log_every", "sample_every",
+RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "workers", "out", "resume", "log_every", "sample_every",
                        "checkpoint_every", "keep_every")
 
 
@@ -144,6 +145,9 @@ def add_train_arguments(parser):
     a("--seed", type=int, default=d.seed, help="seed of initialisation, data order, flips and noise (default: 0)")
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: auto: cuda if available)")
     a("--precision", choices=("fp32", "bf16"), default=d.precision, help="fp32, or bf16 autocast (default: fp32)")
+    a("--kernels", choices=("auto", "torch", "triton"), default=d.kernels,
+      help="loss implementation: the fused Triton kernels or the PyTorch reference losses "
+           "(default: auto: triton on CUDA, torch elsewhere; on a CPU triton needs TRITON_INTERPRET=1)")
     a("--workers", type=int, default=d.workers, help="DataLoader worker processes for image files (default: 4)")
     a("--out", default=None, help="run directory (default: runs/MODEL-TIMESTAMP)")
     a("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly where its checkpoint stopped")
@@ -163,6 +167,8 @@ def config_from_args(args, explicitly_given):
         raise ConfigError(f"--workers takes 0 or more, not {cfg.workers}")
     if cfg.dis_sees_recon and cfg.model != "vaegan":
         raise ConfigError(f"--dis-sees-recon applies to --model vaegan only, not {cfg.model}")
+    if cfg.kernels == "triton" and cfg.gan_loss_form == "eps":
+        raise ConfigError("--gan-loss-form eps has no fused kernel: use --kernels torch, or --gan-loss-form logits")
     if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
         raise ConfigError(f"--device takes auto, cpu, cuda or cuda:N, not {cfg.device!r}")
     cfg.explicit = set(explicitly_given)

@@ -14,12 +14,15 @@
 `compute_gradients_reference` takes the same gradients the slow, obvious way (one loss per
 network, three gradient computations): the tests hold the fast path to it.
 Both leave every gradient in `.grad` and step no optimizer: all gradients of a step come from
-the parameters as they were at its start.
+the parameters as they were at its start. The losses come from vaegan/losses.py or, with
+`kernels="triton"`, from the fused kernels in kernels/ (the same values, the same noise).
 """
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from kernels import philox
 
 from . import losses
 
@@ -36,6 +39,7 @@ class StepConfig:
     equilibrium: bool = True
     equilibrium_value: float = 0.68
     margin: float = 0.35
+    kernels: str = "torch"         # "torch" (reference losses) or "triton" (the fused kernels)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -98,12 +102,42 @@ def _stats(**tensors):
     return {name: t.detach() for name, t in tensors.items() if t is not None}
 
 
-def compute_gradients(model, x, eps, z_prior, cfg, autocast_dtype=None):
+def _reparameterise(cfg, mu, logvar, noise_seed, row_offset):
+    """(z, batch-mean KL); eps is Philox noise at (noise_seed, (row_offset + row) * D + column)."""
+    if cfg.kernels == "triton":
+        import kernels
+        z, kl = kernels.reparam_kl(mu, logvar, noise_seed, row_offset)
+        return z, kl.mean()
+    eps = philox.rows_randn(noise_seed, mu.shape[0], mu.shape[1], row_offset, device=mu.device)
+    mu, logvar = at_least_fp32(mu), at_least_fp32(logvar)
+    return mu + torch.exp(0.5 * logvar) * eps, losses.kl_divergence(mu, logvar).mean()
+
+
+def _gaussian_nll(cfg, fake, real):
+    """Batch mean of 1/2 ||fake - real||^2 per sample; `real` is a target."""
+    if cfg.kernels == "triton":
+        import kernels
+        return kernels.feature_nll(fake, real).mean()
+    return losses.feature_nll(at_least_fp32(fake), at_least_fp32(real.detach())).mean()
+
+
+def _gan_terms(cfg, logits_real, logits_fake):
+    """(L_dis, the non-saturating decoder term, real cost, fake cost)."""
+    if cfg.kernels == "triton":
+        import kernels
+        return kernels.gan_loss(logits_real, logits_fake, cfg.real_weight, cfg.fake_weight)
+    logits_real, logits_fake = at_least_fp32(logits_real), at_least_fp32(logits_fake)
+    real_cost, fake_cost = losses.equilibrium_costs(logits_real.detach(), logits_fake.detach())
+    return (discriminator_loss(cfg, logits_real, logits_fake), non_saturating_generator_loss(cfg, logits_fake),
+            real_cost, fake_cost)
+
+
+def compute_gradients(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dtype=None):
     """One forward, one backward: afterwards each network's `.grad` is the gradient of its own loss.
 
-    x: images (B, C, H, W) in [-1, 1]; eps: (B, latent) reparameterisation noise;
-    z_prior: (B, latent) prior codes. Returns the step's losses and the equilibrium costs,
-    detached (no device synchronisation here).
+    x: images (B, C, H, W) in [-1, 1]; z_prior: (B, latent) prior codes; the reparameterisation
+    noise is Philox at noise_seed, rows offset by row_offset (a rank's place in the global batch).
+    Returns the step's losses and the equilibrium costs, detached (no device synchronisation here).
     """
     for p in model.parameters():
         p.grad = None
@@ -114,17 +148,16 @@ def compute_gradients(model, x, eps, z_prior, cfg, autocast_dtype=None):
         total = 0.0
         if enc is not None:
             mu, logvar = enc(x)
-            z = mu + torch.exp(0.5 * at_least_fp32(logvar)) * eps
-            kl = losses.kl_divergence(at_least_fp32(mu), at_least_fp32(logvar)).mean()
+            z, kl = _reparameterise(cfg, mu, logvar, noise_seed, row_offset)
             w = decoder_llike_weight(cfg)
             x_rec = dec(scale_grad(z, 1.0 / w))  # the encoder receives dL_llike/dz at weight 1 ...
             x_rec_llike = scale_grad(x_rec, w)    # ... and the decoder at weight w
             pixel_error = pixel_mse(x_rec, x)
             if dis is None:  # plain VAE: the Gaussian in pixel space
-                llike = losses.pixel_nll(at_least_fp32(x_rec_llike), at_least_fp32(x)).mean()
+                llike = _gaussian_nll(cfg, x_rec_llike, x)
             else:
                 features_rec, features_real = _split(frozen(dis, torch.cat([x_rec_llike, x]), features_only=True), batch)
-                llike = losses.feature_nll(at_least_fp32(features_rec), at_least_fp32(features_real.detach())).mean()
+                llike = _gaussian_nll(cfg, features_rec, features_real.detach())
             total = kl + llike
         if dis is not None:
             if cfg.kind == "vae-disl":  # the decoder gets no GAN gradient
@@ -137,17 +170,16 @@ def compute_gradients(model, x, eps, z_prior, cfg, autocast_dtype=None):
             minimax = cfg.kind != "vae-disl" and cfg.saturating
             # minimax: the decoder descends -L_dis, i.e. the discriminator's gradient reversed at the fakes
             fakes_for_dis = scale_grad(fakes, -1.0) if minimax else fakes.detach()
-            logits_real, logits_fake = _split(at_least_fp32(dis(torch.cat([x, fakes_for_dis]))), batch)
-            dis_loss = discriminator_loss(cfg, logits_real, logits_fake)
+            logits_real, logits_fake = _split(dis(torch.cat([x, fakes_for_dis])), batch)
+            dis_loss, _, real_cost, fake_cost = _gan_terms(cfg, logits_real, logits_fake)
             total = total + dis_loss
             if cfg.kind != "vae-disl":
                 if minimax:
                     gen_loss = -dis_loss  # reported; its gradient is already routed
                 else:
-                    logits_fake_for_dec = _split(at_least_fp32(frozen(dis, torch.cat([x, fakes]))), batch)[1]
-                    gen_loss = non_saturating_generator_loss(cfg, logits_fake_for_dec)
+                    frozen_real, frozen_fake = _split(frozen(dis, torch.cat([x, fakes])), batch)
+                    gen_loss = _gan_terms(cfg, frozen_real.detach(), frozen_fake)[1]
                     total = total + gen_loss
-            real_cost, fake_cost = losses.equilibrium_costs(logits_real, logits_fake[:batch])
     total.backward()
     return _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost, fake_cost=fake_cost,
                   pixel_error=pixel_error)
@@ -189,7 +221,7 @@ def network_losses(model, x, eps, z_prior, cfg):
             # reversal includes that, and so does this.
             gen_loss = -dis_loss if cfg.saturating else non_saturating_generator_loss(cfg, logits_fake)
             own["decoder"] = own.get("decoder", 0.0) + gen_loss
-        real_cost, fake_cost = losses.equilibrium_costs(logits_real, logits_fake[:batch])
+        real_cost, fake_cost = losses.equilibrium_costs(logits_real.detach(), logits_fake.detach())
     return own, _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost,
                        fake_cost=fake_cost, pixel_error=pixel_error)
 

@@ -29,11 +29,11 @@ def resolve_device(name):
     return device
 
 
-def step_config(cfg):
+def step_config(cfg, kernel_set):
     return StepConfig(kind=cfg.model, gamma=cfg.gamma, real_weight=cfg.real_weight, fake_weight=cfg.fake_weight,
                       saturating=cfg.decoder_gan_loss == "minimax", gan_loss_form=cfg.gan_loss_form,
                       dis_sees_recon=cfg.dis_sees_recon, equilibrium=cfg.equilibrium,
-                      equilibrium_value=cfg.equilibrium_value, margin=cfg.margin)
+                      equilibrium_value=cfg.equilibrium_value, margin=cfg.margin, kernels=kernel_set)
 
 
 def build_model(cfg):
@@ -58,12 +58,32 @@ def build_optimizers(model, cfg):
 
 
 def step_noise(seed, step, global_batch, latent_size, rank, batch_size):
-    """(eps, z_prior) for this rank: slices of the global batch's noise, drawn from (seed, step)."""
+    """(noise_seed, z_prior) for this rank, drawn from (seed, step): the seed of the step's
+    reparameterisation noise (Philox, the same on every rank) and this rank's slice of the global
+    batch's prior codes."""
     generator = torch.Generator()
     generator.manual_seed((seed + 1) * 2_000_003 + step)
-    noise = torch.randn(2, global_batch, latent_size, generator=generator)
+    noise_seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))
+    z_prior = torch.randn(global_batch, latent_size, generator=generator)
     lo = rank * batch_size
-    return noise[0, lo:lo + batch_size], noise[1, lo:lo + batch_size]
+    return noise_seed, z_prior[lo:lo + batch_size]
+
+
+def resolve_kernels(choice, device, gan_loss_form="logits"):
+    """("torch" | "triton", how it was chosen): --kernels triton that cannot run is an error."""
+    import kernels
+    if choice == "auto" and gan_loss_form == "eps":
+        return "torch", "default for --gan-loss-form eps, which has no fused kernel"
+    reason = kernels.triton_unavailable_reason(device.type) if choice != "torch" else None
+    if choice == "triton":
+        if reason:
+            raise ConfigError(f"--kernels triton: {reason}")
+        return "triton", "interpreter" if device.type != "cuda" else "requested"
+    if choice == "torch":
+        return "torch", "requested"
+    if device.type == "cuda" and reason is None:
+        return "triton", "default on CUDA"
+    return "torch", "default off CUDA" if device.type != "cuda" else f"default, as {reason}"
 
 
 def merge_resumed_config(cfg, saved):
@@ -157,7 +177,8 @@ def run(cfg, ctx, device, saved):
         start_step, skips, unreadable = saved["step"], dict(saved["skips"]), set(saved["unreadable"])
         torch.set_rng_state(saved["torch_rng"])
     distributed.broadcast_state(model, ctx)
-    scfg = step_config(cfg)
+    kernel_set, kernel_reason = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
+    scfg = step_config(cfg, kernel_set)
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     global_batch = cfg.batch_size * ctx.world_size
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
@@ -177,7 +198,7 @@ def run(cfg, ctx, device, saved):
     log(ctx, f"vaegan: model {cfg.model} ({parameters / 1e6:.1f}M parameters), {cfg.image_size}x{cfg.image_size}x"
              f"{cfg.channels}, data {dataset.name}: {len(dataset)} images")
     log(ctx, f"vaegan: device {device}, precision {cfg.precision}, loader pil ({loader.num_workers} workers), "
-             f"kernels torch, {ctx.world_size} process(es) x batch {cfg.batch_size}, "
+             f"kernels {kernel_set} ({kernel_reason}), {ctx.world_size} process(es) x batch {cfg.batch_size}, "
              f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
     log(ctx, f"vaegan: {cfg.optimizer} lr {cfg.lr:g}, gamma {cfg.gamma:g}, decoder GAN loss {cfg.decoder_gan_loss}"
              f"{', equilibrium rule' if cfg.equilibrium else ''}; every value used is in config.json")
@@ -227,9 +248,9 @@ def run(cfg, ctx, device, saved):
                 raise DataError(f"{len(unreadable)} of {len(dataset)} images in {dataset.name} are unreadable "
                                   f"(first: {sorted(unreadable)[0]})")
             x = images.to(device, non_blocking=True)
-            eps, z_prior = (t.to(device) for t in step_noise(cfg.seed, step, global_batch, cfg.latent_size,
-                                                               ctx.rank, cfg.batch_size))
-            stats = compute_gradients(model, x, eps, z_prior, scfg, autocast_dtype)
+            noise_seed, z_prior = step_noise(cfg.seed, step, global_batch, cfg.latent_size, ctx.rank, cfg.batch_size)
+            stats = compute_gradients(model, x, z_prior.to(device), scfg, noise_seed, ctx.rank * cfg.batch_size,
+                                      autocast_dtype)
             stats["stop"] = torch.tensor(float(stop.requested), device=device)
             stats = distributed.average_step(model, stats, ctx)
             bad = [n for n in LOSS_NAMES if n in stats and stats[n] != stats[n]]
