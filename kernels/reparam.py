@@ -16,7 +16,7 @@ from . import philox
 from .checks import check_matrix
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "row_offset"])  # a new seed every step must not recompile
 def _reparam_kl_forward(mu_ptr, logvar_ptr, z_ptr, kl_ptr, seed, row_offset, columns, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -32,7 +32,7 @@ def _reparam_kl_forward(mu_ptr, logvar_ptr, z_ptr, kl_ptr, seed, row_offset, col
     tl.store(kl_ptr + row, -0.5 * tl.sum(terms, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "row_offset"])
 def _reparam_kl_backward(mu_ptr, logvar_ptr, grad_z_ptr, grad_kl_ptr, grad_mu_ptr, grad_logvar_ptr, seed,
                          row_offset, columns, BLOCK: tl.constexpr):
     row = tl.program_id(0)
