@@ -144,7 +144,8 @@ def add_train_arguments(parser):
       help="BatchNorm statistics over the global batch across processes (default: each process's own batch)")
     a("--seed", type=int, default=d.seed, help="seed of initialisation, data order, flips and noise (default: 0)")
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: auto: cuda if available)")
-    a("--precision", choices=("fp32", "bf16"), default=d.precision, help="fp32, or bf16 autocast (default: fp32)")
+    a("--precision", choices=("fp32", "bf16", "fp64"), default=d.precision,
+      help="fp32, bf16 autocast, or fp64 (slow; for checking numerics) (default: fp32)")
     a("--kernels", choices=("auto", "torch", "triton"), default=d.kernels,
       help="loss implementation: the fused Triton kernels or the PyTorch reference losses "
            "(default: auto: triton on CUDA, torch elsewhere; on a CPU triton needs TRITON_INTERPRET=1)")

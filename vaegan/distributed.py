@@ -71,12 +71,13 @@ def average_step(module, scalars, ctx):
     Returns the averaged scalars as Python floats (this is the step's one synchronisation).
     """
     names = sorted(scalars)
-    values = torch.stack([scalars[n].float().reshape(()) for n in names]) if names else None
+    dtype = next(module.parameters()).dtype  # float32, or float64 with --precision fp64
+    values = torch.stack([scalars[n].to(dtype).reshape(()) for n in names]) if names else None
     if ctx.distributed:
         params = [p for p in module.parameters() if p.grad is not None]
         buffers = running_stat_buffers(module)
         tensors = [p.grad for p in params] + buffers + ([values] if values is not None else [])
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
+        flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
         dist.all_reduce(flat)
         flat /= ctx.world_size
         offset = 0
@@ -103,7 +104,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         channels = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         count = xf.new_full((1,), x.numel() // channels)
         totals = dist_nn.all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
         n = totals[-1]

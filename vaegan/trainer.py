@@ -167,7 +167,8 @@ def train(cfg):
 def run(cfg, ctx, device, saved):
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(cfg.data, "train", cfg.image_size, cfg.channels)
-    model = build_model(cfg).to(device)
+    param_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+    model = build_model(cfg).to(device, param_dtype)
     optimizers = build_optimizers(model, cfg)
     start_step, skips, unreadable = 0, {"decoder": 0, "discriminator": 0}, set()
     if saved is not None:
@@ -215,8 +216,10 @@ def run(cfg, ctx, device, saved):
         if step > 0 and step % cfg.keep_every == 0:
             checkpoint.save(os.path.join(cfg.out, f"checkpoint-{step:07d}.pt"), state)
 
-    grid_noise = torch.randn(GRID_IMAGES, cfg.latent_size, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    grid_originals = torch.stack([dataset[(i, False)][0] for i in range(min(GRID_IMAGES // 2, len(dataset)))]).to(device)
+    grid_noise = torch.randn(GRID_IMAGES, cfg.latent_size,
+                             generator=torch.Generator().manual_seed(cfg.seed)).to(device, param_dtype)
+    grid_originals = torch.stack([dataset[(i, False)][0]
+                                  for i in range(min(GRID_IMAGES // 2, len(dataset)))]).to(device, param_dtype)
 
     def save_grids(step):
         # Every rank computes (GlobalBatchNorm's statistics are collective); rank 0 writes.
@@ -247,9 +250,9 @@ def run(cfg, ctx, device, saved):
             if len(unreadable) > max(1, len(dataset) // 10):
                 raise DataError(f"{len(unreadable)} of {len(dataset)} images in {dataset.name} are unreadable "
                                   f"(first: {sorted(unreadable)[0]})")
-            x = images.to(device, non_blocking=True)
+            x = images.to(device, param_dtype, non_blocking=True)
             noise_seed, z_prior = step_noise(cfg.seed, step, global_batch, cfg.latent_size, ctx.rank, cfg.batch_size)
-            stats = compute_gradients(model, x, z_prior.to(device), scfg, noise_seed, ctx.rank * cfg.batch_size,
+            stats = compute_gradients(model, x, z_prior.to(device, param_dtype), scfg, noise_seed, ctx.rank * cfg.batch_size,
                                       autocast_dtype)
             stats["stop"] = torch.tensor(float(stop.requested), device=device)
             stats = distributed.average_step(model, stats, ctx)
