@@ -12,6 +12,10 @@ setup(
     # triton: CPU machines install the pinned triton==3.7.1 (it matches torch 2.13.0); GPU nodes carry 3.6.
     install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "numpy", "pillow", "tqdm",
                       "tensorboard", "scikit-image"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],          # GPU decoding; CUDA 13 drivers
+        "dali-cuda12": ["nvidia-dali-cuda120"],   # for older drivers
+        "test": ["pytest", "pytest-benchmark", "nvidia-dali-cuda130"],  # DALI's CPU operators are tested
+    },
     entry_points={"console_scripts": ["vaegan=vaegan.cli:console_main"]},
 )

@@ -1,5 +1,6 @@
 """Every value a training run uses, its command-line option and its check."""
 import argparse
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -43,7 +44,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     kernels: str = "auto"   # triton on CUDA, torch elsewhere
-    workers: int = 4
+    loader: str = "auto"    # dali on CUDA for image files, pil elsewhere
+    workers: int = None     # default: min(4, the number of CPU cores)
     out: str = None  # default: runs/MODEL-TIMESTAMP
     resume: str = None
     log_every: int = 10
@@ -54,6 +56,8 @@ class TrainConfig:
     def resolved(self):
         """A copy with every data-dependent default filled in."""
         values = asdict(self)
+        if values["workers"] is None:
+            values["workers"] = min(4, os.cpu_count() or 1)
         defaults = BUILTIN_PRESET if self.data == BUILTIN else REAL_DATA_DEFAULTS
         for name, value in defaults.items():
             if values[name] is None:
@@ -64,7 +68,7 @@ class TrainConfig:
 
 
 # Options that may differ when a run is resumed; every other value comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "workers", "out", "resume", "log_every", "sample_every",
+RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "loader", "workers", "out", "resume", "log_every", "sample_every",
                        "checkpoint_every", "keep_every")
 
 
@@ -149,7 +153,11 @@ def add_train_arguments(parser):
     a("--kernels", choices=("auto", "torch", "triton"), default=d.kernels,
       help="loss implementation: the fused Triton kernels or the PyTorch reference losses "
            "(default: auto: triton on CUDA, torch elsewhere; on a CPU triton needs TRITON_INTERPRET=1)")
-    a("--workers", type=int, default=d.workers, help="DataLoader worker processes for image files (default: 4)")
+    a("--loader", choices=("auto", "pil", "dali"), default=d.loader,
+      help="image loading: NVIDIA DALI (GPU decoding; on a CPU its CPU operators) or PIL DataLoader workers "
+           "(default: auto: dali on CUDA for image files, pil elsewhere)")
+    a("--workers", type=int, default=None,
+      help="DataLoader worker processes for image files (default: min(4, CPU cores))")
     a("--out", default=None, help="run directory (default: runs/MODEL-TIMESTAMP)")
     a("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly where its checkpoint stopped")
     a("--log-every", type=positive_int("--log-every"), default=d.log_every, help="steps between metrics lines (default: 10)")
@@ -164,7 +172,7 @@ def add_train_arguments(parser):
 
 def config_from_args(args, explicitly_given):
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if cfg.workers < 0:
+    if cfg.workers is not None and cfg.workers < 0:
         raise ConfigError(f"--workers takes 0 or more, not {cfg.workers}")
     if cfg.dis_sees_recon and cfg.model != "vaegan":
         raise ConfigError(f"--dis-sees-recon applies to --model vaegan only, not {cfg.model}")

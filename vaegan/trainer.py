@@ -12,6 +12,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
 from .data import DataError, StepBatchSampler, build_dataset, make_loader
+from .data.dali import DaliLoader
 from .images import interleave, save_grid
 from .models import VAEGAN
 from .step import StepConfig, compute_gradients, equilibrium_decisions
@@ -67,6 +68,19 @@ def step_noise(seed, step, global_batch, latent_size, rank, batch_size):
     z_prior = torch.randn(global_batch, latent_size, generator=generator)
     lo = rank * batch_size
     return noise_seed, z_prior[lo:lo + batch_size]
+
+
+def resolve_loader(choice, device, dataset):
+    """("pil" | "dali", a description): --loader dali that cannot run is an error."""
+    from .data.dali import dali_unavailable_reason
+    if choice == "pil" or (choice == "auto" and (device.type != "cuda" or dataset.in_memory)):
+        return "pil", f"{'requested' if choice == 'pil' else 'default'}, {{workers}} workers"
+    reason = dali_unavailable_reason()
+    if reason or dataset.in_memory:
+        if choice == "dali":
+            raise ConfigError(f"--loader dali: {reason or 'the built-in faces are held in memory; use --loader pil'}")
+        return "pil", f"default, as {reason}; {{workers}} workers"
+    return "dali", "GPU decoding" if device.type == "cuda" else "CPU operators"
 
 
 def resolve_kernels(choice, device, gan_loss_form="logits"):
@@ -182,9 +196,17 @@ def run(cfg, ctx, device, saved):
     scfg = step_config(cfg, kernel_set)
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     global_batch = cfg.batch_size * ctx.world_size
-    sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
-                               cfg.steps, cfg.flip)
-    loader = make_loader(dataset, sampler, cfg.workers, pin_memory=device.type == "cuda")
+    loader_kind, loader_reason = resolve_loader(cfg.loader, device, dataset)
+    if loader_kind == "dali":
+        loader = DaliLoader(dataset, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step, cfg.steps,
+                            cfg.flip, device.type, device.index if device.type == "cuda" else None)
+        sampler = loader.sampler
+    else:
+        sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
+                                   cfg.steps, cfg.flip)
+        loader = make_loader(dataset, sampler, cfg.workers, pin_memory=device.type == "cuda")
+        loader_reason = loader_reason.format(workers=loader.num_workers)
+    unused = len(dataset) - sampler.steps_per_epoch * sampler.global_batch
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     writer = None
@@ -197,8 +219,10 @@ def run(cfg, ctx, device, saved):
         writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=start_step + 1)
     parameters = sum(p.numel() for p in model.parameters())
     log(ctx, f"vaegan: model {cfg.model} ({parameters / 1e6:.1f}M parameters), {cfg.image_size}x{cfg.image_size}x"
-             f"{cfg.channels}, data {dataset.name}: {len(dataset)} images")
-    log(ctx, f"vaegan: device {device}, precision {cfg.precision}, loader pil ({loader.num_workers} workers), "
+             f"{cfg.channels}, data {dataset.name}: {len(dataset)} images"
+             + (f", {unused} left over each epoch (a different {unused} each time: only full global batches are used)"
+                if unused else ""))
+    log(ctx, f"vaegan: device {device}, precision {cfg.precision}, loader {loader_kind} ({loader_reason}), "
              f"kernels {kernel_set} ({kernel_reason}), {ctx.world_size} process(es) x batch {cfg.batch_size}, "
              f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
     log(ctx, f"vaegan: {cfg.optimizer} lr {cfg.lr:g}, gamma {cfg.gamma:g}, decoder GAN loss {cfg.decoder_gan_loss}"

@@ -1,0 +1,47 @@
+"""Generated image data for tests and benchmarks: CelebA's layout and plain folders."""
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def random_image(rng, width, height, mode="RGB"):
+    """A smooth random image (JPEG-friendly): low-frequency noise, enlarged."""
+    channels = 3 if mode == "RGB" else 1
+    small = rng.integers(0, 256, size=(max(2, height // 16), max(2, width // 16), channels), dtype=np.uint8)
+    image = Image.fromarray(small[:, :, 0] if channels == 1 else small)
+    return image.resize((width, height), Image.BILINEAR)
+
+
+def make_celeba(root, n=30, attributes=True, size=(178, 218), seed=0):
+    """CelebA's layout with n generated 178x218 JPEGs; partitions cycle train, train, val, test."""
+    rng = np.random.default_rng(seed)
+    images = os.path.join(root, "img_align_celeba")
+    os.makedirs(images, exist_ok=True)
+    names = [f"{i + 1:06d}.jpg" for i in range(n)]
+    for name in names:
+        random_image(rng, *size).save(os.path.join(images, name), quality=95)
+    with open(os.path.join(root, "list_eval_partition.txt"), "w") as f:
+        for i, name in enumerate(names):
+            f.write(f"{name} {(0, 0, 1, 2)[i % 4]}\n")
+    if attributes:
+        attribute_names = ["Smiling", "Male", "Young"]
+        with open(os.path.join(root, "list_attr_celeba.txt"), "w") as f:
+            f.write(f"{n}\n{' '.join(attribute_names)}\n")
+            for i, name in enumerate(names):
+                values = [1 if (i >> b) & 1 else -1 for b in range(len(attribute_names))]
+                f.write(name + "  " + " ".join(f"{v:2d}" for v in values) + "\n")
+    return names
+
+
+def make_folder(root, n=20, nested=True, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        folder = os.path.join(root, f"sub{i % 3}") if nested else root
+        os.makedirs(folder, exist_ok=True)
+        ext = ".png" if i % 2 else ".jpg"
+        path = os.path.join(folder, f"img{i:03d}{ext}")
+        random_image(rng, 40 + 3 * i, 50, mode).save(path)
+        paths.append(path)
+    return paths

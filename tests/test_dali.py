@@ -1,0 +1,107 @@
+"""The DALI loader in its CPU mode (device_id=None, CPU operators) against PIL."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SMALL, make_celeba, make_folder, run_train
+from vaegan.data import DataError, StepBatchSampler, build_dataset, make_loader
+from vaegan.data.dali import DaliLoader
+
+LEVEL = 1 / 127.5  # one grey level in [-1, 1]
+
+
+def batches(loader):
+    return [(images, attributes) for images, attributes, _ in loader]
+
+
+def test_dali_decode_equals_pil_decode(tmp_path):
+    from nvidia.dali import fn, pipeline_def, types
+    paths = make_folder(tmp_path, n=6, nested=False)
+
+    @pipeline_def(batch_size=6, num_threads=1, device_id=None)
+    def decode():
+        encoded, _ = fn.readers.file(files=paths, random_shuffle=False)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+    pipe = decode()
+    pipe.build()
+    (decoded,) = pipe.run()
+    for i, path in enumerate(paths):
+        dali = np.array(decoded.at(i)).astype(int)
+        pil = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        assert dali.shape == pil.shape
+        assert np.abs(dali - pil).max() <= 2  # JPEG decoders may round the IDCT differently; PNGs are exact
+        if path.endswith(".png"):
+            assert np.array_equal(dali, pil)
+
+
+@pytest.mark.parametrize("layout", ["celeba", "folder"])
+def test_dali_and_pil_loaders_give_the_same_batches(tmp_path, layout):
+    if layout == "celeba":
+        make_celeba(tmp_path, n=16)
+        dataset = build_dataset(str(tmp_path), "train", 64, 3)  # crop 40..188 x 15..163, blur, resize
+    else:
+        make_folder(tmp_path, n=16)  # sizes from 40x50 to 85x50: centred squares, some enlarged
+        dataset = build_dataset(str(tmp_path), "train", 32, 1)
+    dali = batches(DaliLoader(dataset, 4, 0, 1, seed=5, start_step=0, end_step=6))
+    pil = batches(make_loader(dataset, StepBatchSampler(len(dataset), 4, 0, 1, 5, 0, 6), 0))
+    assert len(dali) == len(pil) == 6
+    for (a, attrs_a), (b, attrs_b) in zip(dali, pil):
+        assert a.shape == b.shape and a.dtype == torch.float32
+        difference = (a - b).abs()
+        assert difference.mean() < LEVEL and difference.max() <= 3 * LEVEL  # interpolation tolerance
+        assert torch.equal(attrs_a, attrs_b)  # same images, same order
+    # flips are the same ones: un-flipping one side would break the match
+    assert (dali[0][0].flip(3) - pil[0][0]).abs().mean() > 5 * LEVEL
+
+
+def test_two_shards_are_disjoint_and_cover_the_split(tmp_path):
+    make_celeba(tmp_path, n=32)  # 24 train images: 3 steps of 2 x 4 per epoch
+    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    seen = []
+    for rank in range(2):
+        loader = DaliLoader(dataset, 4, rank, 2, seed=1, start_step=0, end_step=3)
+        seen.append([tuple(row.tolist()) for images, attributes in batches(loader) for row in images.flatten(1)[:, :8]])
+    assert not set(seen[0]) & set(seen[1])
+    everything = {tuple(dataset[(i, f)][0].flatten()[:8].tolist()) for i in range(len(dataset)) for f in (False, True)}
+    assert len(seen[0]) + len(seen[1]) == len(dataset)
+    # each image seen matches one of the data set's images (in one of its two orientations)
+    for key in seen[0] + seen[1]:
+        assert min(max(abs(a - b) for a, b in zip(key, ref)) for ref in everything) <= 3 * LEVEL
+
+
+def test_dali_loader_resumes_mid_epoch_exactly(tmp_path):
+    make_celeba(tmp_path, n=24)
+    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    whole = batches(DaliLoader(dataset, 3, 0, 1, seed=2, start_step=0, end_step=9))
+    resumed = batches(DaliLoader(dataset, 3, 0, 1, seed=2, start_step=4, end_step=9))
+    assert len(resumed) == 5
+    for (a, _), (b, _) in zip(whole[4:], resumed):
+        assert torch.equal(a, b)
+
+
+def test_corrupt_jpeg_is_a_clear_error_naming_the_file(tmp_path):
+    paths = make_folder(tmp_path, n=8, nested=False)
+    corrupt = sorted(paths)[2]
+    with open(corrupt, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not really a JPEG")
+    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    with pytest.raises(DataError, match="cannot be decoded") as e:
+        batches(DaliLoader(dataset, 4, 0, 1, seed=0, start_step=0, end_step=2))
+    assert corrupt in str(e.value) and "--loader pil" in str(e.value)
+
+
+def test_builtin_faces_with_dali_are_a_clear_error():
+    with pytest.raises(DataError, match="--loader dali decodes image files"):
+        DaliLoader(build_dataset("builtin:faces", "train", 32, 1), 4, 0, 1, 0, 0, 1)
+
+
+def test_training_with_the_dali_loader_on_cpu(tmp_path):
+    make_celeba(tmp_path / "data", n=20)
+    out = tmp_path / "run"
+    args = SMALL + ["--data", str(tmp_path / "data"), "--steps", "2", "--log-every", "1", "--out", str(out)]
+    done = run_train(args + ["--loader", "dali"])
+    assert done.returncode == 0, done.stderr
+    assert "loader dali (CPU operators)" in done.stderr
+    done = run_train(SMALL + ["--steps", "1", "--loader", "dali", "--out", str(tmp_path / "faces")])
+    assert done.returncode == 2 and "--loader dali: the built-in faces are held in memory" in done.stderr
