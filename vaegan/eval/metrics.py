@@ -1,0 +1,55 @@
+"""FID, KID and precision/recall on Inception features (numpy/scipy; float64)."""
+import numpy as np
+from scipy import linalg
+
+
+def gaussian_statistics(features):
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)."""
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as the reference code does
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kernel_inception_distance(real, fake, subsets=10, subset_size=1000, seed=0):
+    """KID: the unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over random subsets.
+
+    Returns (mean, standard deviation over subsets)."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    d = real.shape[1]
+    m = min(subset_size, len(real), len(fake))
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(subsets):
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = fake[rng.choice(len(fake), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+        values.append(mmd)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _kth_neighbour_radii(features, k):
+    distances = np.linalg.norm(features[:, None, :] - features[None, :, :], axis=2)
+    return np.sort(distances, axis=1)[:, k]  # column 0 is the point itself
+
+
+def precision_recall(real, fake, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019): the share of fakes inside the real
+    manifold (balls to each real point's k-th neighbour), and of reals inside the fake manifold."""
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    k = min(k, len(real) - 1, len(fake) - 1)
+
+    def coverage(support, queries):
+        radii = _kth_neighbour_radii(support, k)
+        distances = np.linalg.norm(queries[:, None, :] - support[None, :, :], axis=2)
+        return float((distances <= radii[None, :]).any(axis=1).mean())
+    return coverage(real, fake), coverage(fake, real)
