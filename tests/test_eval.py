@@ -91,3 +91,12 @@ def test_vaegan_eval_of_a_missing_run_is_a_clear_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "vaegan", "eval", str(tmp_path / "none")], capture_output=True,
                           text=True, cwd=ROOT)
     assert done.returncode == 2 and "no checkpoint there" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_frechet_distance_matches_the_matrix_square_root_form():
+    from scipy import linalg
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 20)), rng.normal(size=(150, 20)) * 1.5 + 0.3
+    (m1, s1), (m2, s2) = gaussian_statistics(a), gaussian_statistics(b)
+    direct = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(direct, rel=1e-8)

@@ -6,6 +6,7 @@ imports OpenCV and may try to download). Never commit the weights.
 """
 import hashlib
 import importlib.metadata
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,9 @@ def weights_digest(path):
 
 
 def load_inception(device="cpu"):
-    return torch.jit.load(weights_path(), map_location=device).eval()
+    with warnings.catch_warnings():  # the weights are TorchScript, whose loader torch now marks deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(weights_path(), map_location=device).eval()
 
 
 def to_inception_input(images):

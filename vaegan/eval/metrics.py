@@ -1,6 +1,5 @@
-"""FID, KID and precision/recall on Inception features (numpy/scipy; float64)."""
+"""FID, KID and precision/recall on Inception features (numpy, float64)."""
 import numpy as np
-from scipy import linalg
 
 
 def gaussian_statistics(features):
@@ -8,15 +7,20 @@ def gaussian_statistics(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def trace_sqrt_product(sigma1, sigma2):
+    """Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2): the second form is symmetric, so two
+    symmetric eigendecompositions replace a general matrix square root (faster, and stable
+    for the singular covariances of small sets)."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    eigenvalues = np.linalg.eigvalsh(root @ sigma2 @ root)
+    return float(np.sqrt(np.clip(eigenvalues, 0, None)).sum())
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """FID: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2)."""
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise, as the reference code does
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
 
 def kernel_inception_distance(real, fake, subsets=10, subset_size=1000, seed=0):
