@@ -100,3 +100,28 @@ def test_frechet_distance_matches_the_matrix_square_root_form():
     (m1, s1), (m2, s2) = gaussian_statistics(a), gaussian_statistics(b)
     direct = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(direct, rel=1e-8)
+
+
+def test_compare_writes_the_figure_and_the_table_and_refuses_mixed_sizes(tmp_path):
+    runs = []
+    for model in ("vae", "gan", "vaegan"):
+        out = tmp_path / model
+        assert run_train(SMALL + ["--model", model, "--steps", "1", "--out", str(out)]).returncode == 0
+        runs.append(str(out))
+    done = subprocess.run([sys.executable, "-m", "vaegan", "compare", *runs, "--out", str(tmp_path / "cmp"),
+                           "--num-samples", "4", "--num-images", "4"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert table.count("| 1 | 4 |") == 3  # three runs, step 1, n = 4
+    assert "| gan (gan) | 1 | 4 |" in table and "n/a | n/a |" in table  # no encoder: no reconstruction errors
+    from PIL import Image
+    assert Image.open(tmp_path / "cmp" / "comparison.png").size == (4 * 34 + 2, 7 * 34 + 2)  # 3 + 1 + 3 rows
+
+    other = tmp_path / "big"
+    assert run_train(SMALL + ["--image-size", "64", "--steps", "1", "--out", str(other)]).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "vaegan", "compare", runs[0], str(other), "--out",
+                           str(tmp_path / "cmp2")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "different image sizes" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "vaegan", "compare", runs[0], str(tmp_path / "missing"), "--out",
+                           str(tmp_path / "cmp3")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "no checkpoint there" in done.stderr

@@ -1,5 +1,6 @@
 """The `vaegan` command line; `train.py` is `vaegan train`."""
 import argparse
+import os
 import sys
 
 from .checkpoint import CheckpointError
@@ -49,7 +50,55 @@ def eval_command(argv, prog="vaegan eval"):
     return 0
 
 
-COMMANDS = {"train": train_command, "eval": eval_command}
+def attributes_command(argv, prog="vaegan attributes"):
+    parser = argparse.ArgumentParser(prog=prog, description="Visual attribute vectors: mean code of training "
+                                     "images with an attribute minus mean code of those without, added to test codes.")
+    parser.add_argument("run", help="run directory or checkpoint file")
+    parser.add_argument("--out", required=True, help="PNG to write (rows: test images; columns: original, "
+                        "reconstruction, one per attribute)")
+    parser.add_argument("--attributes", default=None,
+                        help="comma-separated names (default: the authors' 18 that the data has, else all)")
+    parser.add_argument("--data", default=None, help="data with an attribute file (default: the run's own)")
+    parser.add_argument("--num-train", type=positive_int("--num-train"), default=2000,
+                        help="training images encoded for the vectors (default: 2000)")
+    parser.add_argument("--num-test", type=positive_int("--num-test"), default=8, help="test images (rows; default: 8)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from .eval.attributes import attribute_grid
+    try:
+        names = attribute_grid(args.run, args.out, args.data, args.attributes.split(",") if args.attributes else None,
+                               args.num_train, args.num_test, device=args.device)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: columns original, reconstruction, {', '.join(names)}")
+    return 0
+
+
+def compare_command(argv, prog="vaegan compare"):
+    parser = argparse.ArgumentParser(prog=prog, description="Samples and reconstructions of several runs side by "
+                                     "side (the paper's first CelebA figure) and a markdown table of their metrics.")
+    parser.add_argument("runs", nargs="+", help="run directories (e.g. vae, gan, vae-disl, vaegan runs)")
+    parser.add_argument("--out", required=True, help="directory for comparison.png and comparison.md")
+    parser.add_argument("--num-samples", type=positive_int("--num-samples"), default=1000,
+                        help="images per FID/KID/precision/recall (default: 1000)")
+    parser.add_argument("--num-images", type=positive_int("--num-images"), default=8, help="columns of the figure")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from .eval.compare import compare
+    from .eval.features import FeatureError
+    try:
+        compare(args.runs, args.out, args.num_samples, args.num_images, args.device,
+                log=lambda message: print(message, file=sys.stderr))
+    except USER_ERRORS + (FeatureError,) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(open(os.path.join(args.out, "comparison.md")).read())
+    return 0
+
+
+COMMANDS = {"train": train_command, "eval": eval_command, "attributes": attributes_command,
+            "compare": compare_command}
 
 
 def main(argv=None):

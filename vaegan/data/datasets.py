@@ -145,6 +145,18 @@ def read_attributes(path):
     return table, names
 
 
+def folder_attributes(root, paths):
+    """A folder's list_attr_celeba.txt (CelebA's format, keyed by file name), if it has one."""
+    path = os.path.join(root, CELEBA_ATTRIBUTES)
+    if not os.path.isfile(path):
+        return None, []
+    table, names = read_attributes(path)
+    missing = [p for p in paths if os.path.basename(p) not in table]
+    if missing:
+        raise DataError(f"{path}: no attributes for {missing[0]} ({len(missing)} images without)")
+    return torch.tensor([table[os.path.basename(p)] for p in paths], dtype=torch.float32), names
+
+
 def celeba(root, split, image_size, channels):
     """CelebA's aligned images: train = partitions 0 and 1, test = partition 2."""
     image_dir = os.path.join(root, CELEBA_IMAGES)
@@ -192,7 +204,8 @@ def build_dataset(data, split, image_size, channels):
         paths = find_images(data)
         if not paths:
             raise DataError(f"{data}: no JPEG or PNG images found (searched recursively)")
-        dataset = ImageFiles(paths, image_size, channels, False, f"images in {data}")
+        attributes, attribute_names = folder_attributes(data, paths)
+        dataset = ImageFiles(paths, image_size, channels, False, f"images in {data}", attributes, attribute_names)
     first_readable(dataset)
     return dataset
 
