@@ -6,8 +6,23 @@ import sys
 from .checkpoint import CheckpointError
 from .config import ConfigError, add_train_arguments, config_from_args, explicitly_given, positive_int
 from .data import DataError
+from .eval.features import FeatureError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FeatureError, FloatingPointError)
+
+
+def reporting_errors(prog, action):
+    """Run action(); a user's error (bad value, data, checkpoint) is one line on stderr and status 2."""
+    try:
+        action()
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def log_to_stderr(message):
+    print(message, file=sys.stderr)
 
 
 def train_parser(prog="vaegan train"):
@@ -19,12 +34,7 @@ def train_command(argv, prog="vaegan train"):
     parser = train_parser(prog)
     args = parser.parse_args(argv)
     from .trainer import train  # imported late: `--help` and bad options answer without loading torch's tensorboard
-    try:
-        train(config_from_args(args, explicitly_given(parser, argv)))
-    except USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return reporting_errors(prog, lambda: train(config_from_args(args, explicitly_given(parser, argv))))
 
 
 def eval_command(argv, prog="vaegan eval"):
@@ -39,15 +49,8 @@ def eval_command(argv, prog="vaegan eval"):
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default: 0)")
     args = parser.parse_args(argv)
     from .eval.evaluate import evaluate, format_result
-    from .eval.features import FeatureError
-    try:
-        result = evaluate(args.run, args.num_samples, args.data, args.batch_size, args.device, args.seed,
-                          log=lambda message: print(message, file=sys.stderr))
-    except USER_ERRORS + (FeatureError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(format_result(result))
-    return 0
+    return reporting_errors(prog, lambda: print(format_result(evaluate(
+        args.run, args.num_samples, args.data, args.batch_size, args.device, args.seed, log=log_to_stderr))))
 
 
 def attributes_command(argv, prog="vaegan attributes"):
@@ -65,14 +68,12 @@ def attributes_command(argv, prog="vaegan attributes"):
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     from .eval.attributes import attribute_grid
-    try:
+
+    def run():
         names = attribute_grid(args.run, args.out, args.data, args.attributes.split(",") if args.attributes else None,
                                args.num_train, args.num_test, device=args.device)
-    except USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out}: columns original, reconstruction, {', '.join(names)}")
-    return 0
+        print(f"wrote {args.out}: columns original, reconstruction, {', '.join(names)}")
+    return reporting_errors(prog, run)
 
 
 def compare_command(argv, prog="vaegan compare"):
@@ -86,15 +87,11 @@ def compare_command(argv, prog="vaegan compare"):
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     from .eval.compare import compare
-    from .eval.features import FeatureError
-    try:
-        compare(args.runs, args.out, args.num_samples, args.num_images, args.device,
-                log=lambda message: print(message, file=sys.stderr))
-    except USER_ERRORS + (FeatureError,) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    print(open(os.path.join(args.out, "comparison.md")).read())
-    return 0
+
+    def run():
+        compare(args.runs, args.out, args.num_samples, args.num_images, args.device, log=log_to_stderr)
+        print(open(os.path.join(args.out, "comparison.md")).read())
+    return reporting_errors(prog, run)
 
 
 COMMANDS = {"train": train_command, "eval": eval_command, "attributes": attributes_command,

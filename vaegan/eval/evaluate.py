@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint, load
-from ..data import build_dataset
+from ..data import DataError, build_dataset
 from ..data.datasets import BUILTIN, CELEBA_IMAGES
 from . import features as inception
 from .metrics import frechet_distance, gaussian_statistics, kernel_inception_distance, precision_recall
@@ -64,7 +64,7 @@ def evaluate(run, num_samples=1000, data=None, batch_size=50, device="cpu", seed
     dataset = build_dataset(data, split, cfg["image_size"], cfg["channels"])
     n = min(num_samples, len(dataset))
     if n < 2:
-        raise ValueError(f"--num-samples must be at least 2, and the data must hold 2 images (got {n})")
+        raise DataError(f"--num-samples must be at least 2, and the data must hold 2 images (got {n})")
     model = load(run, device)
     network = inception.load_inception(device)
     digest = inception.weights_digest(inception.weights_path())
