@@ -14,8 +14,17 @@ import kernels
 from conftest import ROOT
 from kernels import philox
 
-DTYPES = [torch.float32, torch.float16]
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+# On a GPU the kernels run compiled, and bf16 is tested too; on a CPU, under the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def on_device():
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device("cpu")
 
 
 def rel_err(got, want):
@@ -61,7 +70,7 @@ def test_reparam_noise_is_standard_normal_and_uncorrelated():
     assert abs(torch.corrcoef(torch.stack([flat_a[:-1], flat_a[1:]]))[0, 1]) < 0.03  # neighbours
     assert abs(torch.corrcoef(torch.stack([eps_a[:-1].flatten(), eps_a[1:].flatten()]))[0, 1]) < 0.03  # rows
     # and it is Philox at (seed, offset), as the PyTorch stream computes it
-    assert (eps_a - philox.rows_randn(1, rows, columns)).abs().max() < 1e-5
+    assert (eps_a - philox.rows_randn(1, rows, columns, device=DEVICE)).abs().max() < 1e-5
 
 
 def test_backward_redraws_the_forwards_noise():
@@ -98,7 +107,7 @@ def test_feature_nll_forward_and_backward_match_the_reference(dtype, shape):
     fake_ref = leaf(fake)
     want = kernels.feature_nll_reference(fake_ref, real)
     assert got.dtype == torch.float32 and got.shape == (shape[0],)
-    assert rel_err(got, want) < 1e-5  # fp16 inputs are accumulated in fp32
+    assert rel_err(got, want) < 1e-5  # fp16/bf16 inputs are accumulated in fp32
     grad = torch.randn(shape[0])
     (got * grad).sum().backward()
     (want * grad).sum().backward()

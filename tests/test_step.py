@@ -64,6 +64,8 @@ def test_one_backward_equals_each_networks_own_gradient(variant):
 def test_fused_kernels_give_the_reference_gradients(variant):
     # The kernels compute in float32 whatever the input dtype: float32 tolerances.
     model, x, eps, z_prior = make(variant["kind"], seed=11)
+    if torch.cuda.is_available():  # compiled kernels on the GPU (the interpreter runs them on a CPU)
+        model, x, eps, z_prior = model.cuda(), x.cuda(), eps.cuda(), z_prior.cuda()
     cfg = StepConfig(gamma=1e-3, kernels="triton", **variant)
     fast_stats = compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
     fast = grads(model)
