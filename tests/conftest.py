@@ -5,8 +5,6 @@ import sys
 import pytest
 import torch
 
-from datagen import make_celeba, make_folder, random_image  # noqa: F401  (re-exported for the tests)
-
 # The Triton kernels run on a CPU only under the interpreter, which must be chosen before any
 # kernel is decorated, i.e. before `kernels.*` is first imported: here, ahead of every test module.
 if not torch.cuda.is_available():

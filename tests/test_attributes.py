@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SMALL, make_celeba, make_folder, run_train
+from conftest import ROOT, SMALL, run_train
+from datagen import make_celeba, make_folder
 from vaegan.data import DataError, build_dataset
 from vaegan.eval.attributes import attribute_vectors
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SMALL, make_celeba, make_folder, run_train
+from conftest import SMALL, run_train
+from datagen import make_celeba, make_folder
 from vaegan.data import DataError, StepBatchSampler, build_dataset, make_loader
 from vaegan.data.dali import DaliLoader
 

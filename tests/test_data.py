@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from conftest import make_celeba, make_folder, random_image
+from datagen import make_celeba, make_folder
 from vaegan.data import BUILTIN, DataError, StepBatchSampler, build_dataset, make_loader
 from vaegan.data.preprocess import SIGMA_PER_SHRINK
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import vaegan
-from conftest import ROOT, SMALL, TRAIN, make_folder, run_train
+from conftest import ROOT, SMALL, TRAIN, run_train
+from datagen import make_folder
 
 SHORT = ["--steps", "4", "--log-every", "2", "--sample-every", "2", "--checkpoint-every", "2"]
 

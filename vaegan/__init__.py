@@ -6,7 +6,7 @@ def load(path, device="cpu"):
     """The model of a run directory or checkpoint file, in eval mode.
 
     It has encode(x) -> (mu, logvar), decode(z), reconstruct(x) and sample(n, seed=...);
-    images are (N, C, H, W) in [-1, 1].
+    images are (N, C, H, W) in [-1, 1]. `run_config` and `run_step` say how and how far it was trained.
     """
     from .checkpoint import load as load_checkpoint
     from .models import VAEGAN
@@ -15,4 +15,5 @@ def load(path, device="cpu"):
     cfg = state["config"]
     model = VAEGAN(cfg["model"], cfg["image_size"], cfg["channels"], cfg["latent_size"], cfg["fc_width"])
     model.load_state_dict(state["model"])
+    model.run_config, model.run_step = cfg, state["step"]
     return model.to(device).eval()

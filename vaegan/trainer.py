@@ -278,7 +278,8 @@ def run(cfg, ctx, device, saved):
             noise_seed, z_prior = step_noise(cfg.seed, step, global_batch, cfg.latent_size, ctx.rank, cfg.batch_size)
             stats = compute_gradients(model, x, z_prior.to(device, param_dtype), scfg, noise_seed, ctx.rank * cfg.batch_size,
                                       autocast_dtype)
-            stats["stop"] = torch.tensor(float(stop.requested), device=device)
+            if ctx.distributed:  # every rank must stop after the same step
+                stats["stop"] = torch.tensor(float(stop.requested), device=device)
             stats = distributed.average_step(model, stats, ctx)
             bad = [n for n in LOSS_NAMES if n in stats and stats[n] != stats[n]]
             if bad or any(abs(stats[n]) == float("inf") for n in LOSS_NAMES if n in stats):
@@ -319,7 +320,7 @@ def run(cfg, ctx, device, saved):
                 interval_skips = {"decoder": 0, "discriminator": 0}
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 save_grids(step)
-            stopping = stats["stop"] > 0
+            stopping = stats.get("stop", float(stop.requested)) > 0
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping or step % cfg.keep_every == 0:
                 save_checkpoint(step)
             if stopping:

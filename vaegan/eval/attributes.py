@@ -35,8 +35,7 @@ def attribute_grid(run, out_png, data=None, names=None, num_train=2000, num_test
     model = load(run, device)
     if model.encoder is None:
         raise DataError("a 'gan' run has no encoder: attribute vectors need one")
-    from ..checkpoint import load as load_checkpoint
-    cfg = load_checkpoint(run)["config"]
+    cfg = model.run_config
     data = data or cfg["data"]
     train = build_dataset(data, "train", cfg["image_size"], cfg["channels"])
     test = build_dataset(data, evaluation_split(data), cfg["image_size"], cfg["channels"])

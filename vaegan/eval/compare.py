@@ -20,7 +20,8 @@ def compare(runs, out, num_samples=1000, num_images=8, device="cpu", seed=0, log
     """Writes OUT/comparison.png and OUT/comparison.md; returns the per-run results."""
     if len(runs) < 2:
         raise DataError("compare needs at least two runs")
-    configs = [checkpoint.load(run)["config"] for run in runs]
+    models = [load(run, device) for run in runs]
+    configs = [model.run_config for model in models]
     shapes = {(c["image_size"], c["channels"]) for c in configs}
     if len(shapes) > 1:
         listing = ", ".join(f"{run}: {c['image_size']}x{c['image_size']}x{c['channels']}" for run, c in zip(runs, configs))
@@ -31,12 +32,11 @@ def compare(runs, out, num_samples=1000, num_images=8, device="cpu", seed=0, log
     originals = next(real_batches(test, min(num_images, len(test)), num_images)).to(device)
     blank = torch.zeros_like(originals)  # a run without an encoder has no reconstructions
     sample_rows, reconstruction_rows, results = [], [originals], []
-    for run, cfg in zip(runs, configs):
-        model = load(run, device)
+    for run, cfg, model in zip(runs, configs, models):
         sample_rows.append(model.sample(len(originals), seed=seed))
         reconstruction_rows.append(model.reconstruct(originals) if model.encoder is not None else blank)
         log(f"vaegan compare: evaluating {run} ({cfg['model']})")
-        results.append(evaluate(run, num_samples, data, device=device, seed=seed, log=log))
+        results.append(evaluate(run, num_samples, data, device=device, seed=seed, log=log, model=model))
     os.makedirs(out, exist_ok=True)
     save_grid(os.path.join(out, "comparison.png"), torch.cat(sample_rows + reconstruction_rows),
               columns=len(originals))

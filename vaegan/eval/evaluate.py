@@ -55,9 +55,10 @@ def reconstruction_errors(model, dataset, n, batch_size, device):
     return torch.cat(pixel).mean().item(), (torch.cat(feature).mean().item() if feature else None)
 
 
-def evaluate(run, num_samples=1000, data=None, batch_size=50, device="cpu", seed=0, log=print):
-    state = checkpoint.load(run)
-    cfg = state["config"]
+def evaluate(run, num_samples=1000, data=None, batch_size=50, device="cpu", seed=0, log=print, model=None):
+    """`model`: the run's model if the caller has loaded it already (vaegan.load)."""
+    model = model or load(run, device)
+    cfg = model.run_config
     run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
     data = data or cfg["data"]
     split = evaluation_split(data)
@@ -65,10 +66,9 @@ def evaluate(run, num_samples=1000, data=None, batch_size=50, device="cpu", seed
     n = min(num_samples, len(dataset))
     if n < 2:
         raise DataError(f"--num-samples must be at least 2, and the data must hold 2 images (got {n})")
-    model = load(run, device)
     network = inception.load_inception(device)
     digest = inception.weights_digest(inception.weights_path())
-    log(f"vaegan eval: {n} real images ({dataset.name}, split {split}) against {n} samples of step {state['step']}")
+    log(f"vaegan eval: {n} real images ({dataset.name}, split {split}) against {n} samples of step {model.run_step}")
     real = cached_real_features(run_dir, dataset, data, split, cfg, n, batch_size, network, digest, device, log)
 
     def generated_batches():
@@ -79,10 +79,10 @@ def evaluate(run, num_samples=1000, data=None, batch_size=50, device="cpu", seed
     kid, kid_std = kernel_inception_distance(real, fake, subset_size=min(1000, n))
     precision, recall = precision_recall(real, fake)
     pixel_error, feature_error = reconstruction_errors(model, dataset, n, batch_size, device)
-    result = {"step": state["step"], "num_samples": n, "fid": fid, "kid": kid, "kid_std": kid_std,
+    result = {"step": model.run_step, "num_samples": n, "fid": fid, "kid": kid, "kid_std": kid_std,
               "precision": precision, "recall": recall, "reconstruction_pixel_mse": pixel_error,
               "reconstruction_dis_l_error": feature_error, "data": data, "split": split}
-    checkpoint.write_json(os.path.join(run_dir, f"eval-{state['step']:07d}.json"), result)
+    checkpoint.write_json(os.path.join(run_dir, f"eval-{model.run_step:07d}.json"), result)
     return result
 
 
