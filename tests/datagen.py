@@ -45,3 +45,20 @@ def make_folder(root, n=20, nested=True, seed=0, mode="RGB"):
         random_image(rng, 40 + 3 * i, 50, mode).save(path)
         paths.append(path)
     return paths
+
+
+def make_attribute_folder(root, n=300, size=40, seed=0):
+    """A flat folder of n grayscale PNGs with a CelebA-format attribute file of two attributes:
+    Bright (+1: light image, -1: dark; easy to see) and Lucky (a coin flip: nothing to see)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    bright, lucky = rng.integers(0, 2, n) * 2 - 1, rng.integers(0, 2, n) * 2 - 1
+    with open(os.path.join(root, "list_attr_celeba.txt"), "w") as f:
+        f.write(f"{n}\nBright Lucky\n")
+        for i in range(n):
+            level = 170 if bright[i] > 0 else 85
+            pixels = np.clip(rng.normal(level, 25, size=(size, size)), 0, 255).astype(np.uint8)
+            name = f"face{i:04d}.png"
+            Image.fromarray(pixels).save(os.path.join(root, name))
+            f.write(f"{name} {bright[i]:2d} {lucky[i]:2d}\n")
+    return bright, lucky

@@ -54,3 +54,34 @@ def test_model_variants_have_the_networks_they_need():
     assert set(VAEGAN("vae-disl", 32).networks()) == {"encoder", "decoder", "discriminator"}
     with pytest.raises(ValueError, match="not one of"):
         VAEGAN("vqgan", 32)
+
+
+def test_conditional_models_see_the_attributes_everywhere():
+    names = ["Smiling", "Male", "Young"]
+    model = VAEGAN("cvaegan", 32, 1, latent_size=10, fc_width=32, attribute_names=names)
+    assert set(model.networks()) == {"encoder", "decoder", "discriminator"}
+    assert model.decoder.body[0].in_features == 10 + 3          # Dec([z, y])
+    assert model.encoder.body[0].in_channels == 1 + 3           # Enc(x, y): y as constant channels
+    assert model.discriminator.features[0].in_channels == 1 + 3  # Dis(x, y): likewise
+    assert set(VAEGAN("cvae", 32, attribute_names=names).networks()) == {"encoder", "decoder"}
+    assert set(VAEGAN("cgan", 32, attribute_names=names).networks()) == {"decoder", "discriminator"}
+    model.eval()
+    z = torch.randn(2, 10)
+    smiling, serious = torch.tensor([1.0, 1, -1]), torch.tensor([-1.0, 1, -1])
+    assert not torch.allclose(model.decode(z, smiling), model.decode(z, serious))  # y changes the image
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert not torch.allclose(model.encode(x, smiling)[0], model.encode(x, serious)[0])
+    assert model.sample(2, seed=1, attributes=smiling).shape == (2, 1, 32, 32)
+    assert torch.equal(model.sample(2, seed=1, attributes=smiling), model.sample(2, seed=1, attributes=smiling))
+
+
+def test_conditional_attribute_errors_are_clear():
+    model = VAEGAN("cgan", 32, 1, latent_size=10, attribute_names=["Smiling", "Male"]).eval()
+    with pytest.raises(ValueError, match=r"conditional: pass attributes, \(N, 2\) values of \+-1 for Smiling, Male"):
+        model.sample(2)
+    with pytest.raises(ValueError, match=r"attributes of shape \(2, 3\) given for 2 images"):
+        model.sample(2, attributes=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="not conditional"):
+        VAEGAN("gan", 32).eval().sample(2, attributes=torch.ones(2, 1))
+    with pytest.raises(ValueError, match="needs attribute names"):
+        VAEGAN("cvae", 32)

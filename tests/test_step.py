@@ -24,10 +24,10 @@ VARIANTS = [
 NOISE_SEED = 1234
 
 
-def make(kind, size=32, channels=3, seed=0, dtype=torch.float64, batch=4, latent=12):
+def make(kind, size=32, channels=3, seed=0, dtype=torch.float64, batch=4, latent=12, attribute_names=()):
     """A model and inputs; eps is the Philox noise that compute_gradients draws from NOISE_SEED."""
     torch.manual_seed(seed)
-    model = VAEGAN(kind, size, channels, latent_size=latent, fc_width=40).to(dtype)
+    model = VAEGAN(kind, size, channels, latent_size=latent, fc_width=40, attribute_names=attribute_names).to(dtype)
     x = torch.rand(batch, channels, size, size, dtype=dtype) * 2 - 1
     eps = philox.rows_randn(NOISE_SEED, batch, latent).to(dtype)
     z_prior = torch.randn(batch, latent, dtype=dtype)
@@ -73,6 +73,28 @@ def test_fused_kernels_give_the_reference_gradients(variant):
     assert_same_grads(fast, grads(model), rtol=1e-4)
     for name in ref_stats:
         assert torch.allclose(fast_stats[name].double(), ref_stats[name].double(), rtol=1e-5, atol=1e-6), name
+
+
+CONDITIONAL_VARIANTS = [dict(kind="vaegan"), dict(kind="vaegan", saturating=False, dis_sees_recon=True),
+                        dict(kind="vae"), dict(kind="gan")]
+
+
+@pytest.mark.parametrize("variant", CONDITIONAL_VARIANTS, ids=lambda v: "c-" + "-".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("kernel_set", ["torch", "triton"])
+def test_conditional_models_route_exactly_too(variant, kernel_set):
+    kind = "c" + variant["kind"]
+    model, x, eps, z_prior = make(kind, seed=17, attribute_names=["A", "B", "C"])
+    attributes = (torch.rand(x.shape[0], 3) < 0.5).double() * 2 - 1
+    cfg = StepConfig(gamma=1e-3, kernels=kernel_set, **variant)
+    compute_gradients(model, x, z_prior, cfg, NOISE_SEED, attributes=attributes)
+    fast = grads(model)
+    compute_gradients_reference(model, x, eps, z_prior, cfg, attributes=attributes)
+    want = grads(model)
+    assert_same_grads(fast, want, rtol=1e-9 if kernel_set == "torch" else 1e-4)
+    # the attributes matter: other attributes, other gradients
+    compute_gradients_reference(model, x, eps, z_prior, cfg, attributes=-attributes)
+    first = next(iter(want))
+    assert not torch.allclose(grads(model)[first], want[first])
 
 
 def own_gradient(model, network, loss):

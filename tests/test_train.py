@@ -158,7 +158,7 @@ def test_corrupt_image_among_many_is_skipped_counted_and_reported(tmp_path):
     (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     (["--device", "tpu"], "--device takes auto, cpu, cuda or cuda:N, not 'tpu'"),
     (["--device", "cuda"], "CUDA is not available on this machine"),
-    (["--model", "vae", "--dis-sees-recon"], "--dis-sees-recon applies to --model vaegan only"),
+    (["--model", "vae", "--dis-sees-recon"], "--dis-sees-recon applies to --model vaegan or cvaegan only"),
     (["--data", "/no/such/place"], "/no/such/place: no such directory"),
 ])
 def test_bad_values_are_rejected_with_a_message_and_no_traceback(tmp_path, args, message):

@@ -4,7 +4,8 @@ import os
 import sys
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, add_train_arguments, config_from_args, explicitly_given, positive_int
+from .config import ConfigError, add_train_arguments, config_from_args, explicitly_given, number, positive_int
+from .models import SUPPORTED_IMAGE_SIZES
 from .data import DataError
 from .eval.features import FeatureError
 
@@ -94,8 +95,57 @@ def compare_command(argv, prog="vaegan compare"):
     return reporting_errors(prog, run)
 
 
+def regressor_command(argv, prog="vaegan regressor"):
+    parser = argparse.ArgumentParser(prog=prog, description="Train the attribute regressor that scores conditional "
+                                     "generation (a small CNN reading attributes off real images); prints its "
+                                     "held-out accuracy.")
+    parser.add_argument("--data", required=True, help="CelebA root or a folder with list_attr_celeba.txt (CelebA's "
+                        "format); held out: CelebA's test partition, else every 10th image")
+    parser.add_argument("--out", required=True, help="file to write (e.g. regressor.pt)")
+    parser.add_argument("--attributes", default=None, help="comma-separated names (default: all)")
+    parser.add_argument("--image-size", type=int, choices=SUPPORTED_IMAGE_SIZES, default=64,
+                        help="as the runs it will score (default: 64)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="as the runs it will score (default: 3)")
+    parser.add_argument("--epochs", type=positive_int("--epochs"), default=5, help="default: 5")
+    parser.add_argument("--batch-size", type=positive_int("--batch-size"), default=64)
+    parser.add_argument("--lr", type=number("--lr"), default=1e-3, help="Adam, cosine-annealed (default: 1e-3)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from .eval.regressor import format_regressor_summary, train_regressor
+
+    def run():
+        summary = train_regressor(args.data, args.out, args.image_size, args.channels,
+                                  args.attributes.split(",") if args.attributes else None, args.epochs,
+                                  args.batch_size, args.lr, args.workers, args.device, args.seed, log=log_to_stderr)
+        print(f"wrote {args.out}: {format_regressor_summary(summary)}")
+    return reporting_errors(prog, run)
+
+
+def attribute_scores_command(argv, prog="vaegan attribute-scores"):
+    parser = argparse.ArgumentParser(prog=prog, description="The paper's Table 1: cosine similarity and mean squared "
+                                     "error between the attributes conditional runs generate from and those the "
+                                     "regressor reads off their images, beside the real held-out images.")
+    parser.add_argument("runs", nargs="+", help="conditional run directories (cvae, cgan, cvaegan)")
+    parser.add_argument("--regressor", required=True, help="written by `vaegan regressor`")
+    parser.add_argument("--out", required=True, help="directory for attribute_scores.md and attribute_scores.json")
+    parser.add_argument("--num-samples", type=positive_int("--num-samples"), default=1000,
+                        help="held-out attribute vectors (default: 1000)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated images' z (default: 0)")
+    args = parser.parse_args(argv)
+    from .eval.regressor import attribute_scores
+
+    def run():
+        attribute_scores(args.runs, args.regressor, args.out, args.num_samples, device=args.device, seed=args.seed,
+                         log=log_to_stderr)
+        print(open(os.path.join(args.out, "attribute_scores.md")).read())
+    return reporting_errors(prog, run)
+
+
 COMMANDS = {"train": train_command, "eval": eval_command, "attributes": attributes_command,
-            "compare": compare_command}
+            "compare": compare_command, "regressor": regressor_command, "attribute-scores": attribute_scores_command}
 
 
 def main(argv=None):

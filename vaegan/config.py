@@ -5,7 +5,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 
 from .data.datasets import BUILTIN
-from .models import MODEL_KINDS, SUPPORTED_IMAGE_SIZES
+from .models import CONDITIONAL_KINDS, MODEL_KINDS, SUPPORTED_IMAGE_SIZES
 
 DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 # The built-in faces are a demonstration that must show faces after a few minutes on two CPU
@@ -20,6 +20,7 @@ REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_RE
 class TrainConfig:
     data: str = BUILTIN
     model: str = "vaegan"
+    attributes: str = None  # conditional models: comma-separated names (default: all the data has)
     image_size: int = None  # default: 32 for the built-in faces, else 64
     channels: int = None    # default: 1 for the built-in faces, else 3
     latent_size: int = 128
@@ -109,7 +110,12 @@ def add_train_arguments(parser):
       f"(recursive), or {BUILTIN}: the 100 LFW face crops shipped in scikit-image (default)")
     a("--model", choices=MODEL_KINDS, default=d.model,
       help="vaegan: the full model; vae: pixel-space VAE; gan: plain GAN; vae-disl: VAE with the learned "
-           "metric and no GAN gradient into the decoder (default: vaegan)")
+           "metric and no GAN gradient into the decoder; cvaegan, cvae, cgan: the attribute-conditional "
+           "models (y appended to z for the decoder, as constant image channels for encoder and "
+           "discriminator; the data needs an attribute file) (default: vaegan)")
+    a("--attributes", default=None, metavar="NAMES",
+      help="conditional models: comma-separated attribute names to condition on (default: every attribute "
+           "of the data's list_attr_celeba.txt)")
     a("--image-size", type=int, choices=SUPPORTED_IMAGE_SIZES, default=None,
       help="image side in pixels (default: 32 for the built-in faces, else 64)")
     a("--channels", type=int, choices=(1, 3), default=None, help="1 (grayscale) or 3 (default: 1 built-in, else 3)")
@@ -174,8 +180,11 @@ def config_from_args(args, explicitly_given):
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if cfg.workers is not None and cfg.workers < 0:
         raise ConfigError(f"--workers takes 0 or more, not {cfg.workers}")
-    if cfg.dis_sees_recon and cfg.model != "vaegan":
-        raise ConfigError(f"--dis-sees-recon applies to --model vaegan only, not {cfg.model}")
+    if cfg.dis_sees_recon and cfg.model not in ("vaegan", "cvaegan"):
+        raise ConfigError(f"--dis-sees-recon applies to --model vaegan or cvaegan only, not {cfg.model}")
+    if cfg.attributes is not None and cfg.model not in CONDITIONAL_KINDS:
+        raise ConfigError(f"--attributes applies to the conditional models ({', '.join(CONDITIONAL_KINDS)}), "
+                          f"not {cfg.model}")
     if cfg.kernels == "triton" and cfg.gan_loss_form == "eps":
         raise ConfigError("--gan-loss-form eps has no fused kernel: use --kernels torch, or --gan-loss-form logits")
     if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):

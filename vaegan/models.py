@@ -10,7 +10,25 @@ import torch
 from torch import nn
 
 SUPPORTED_IMAGE_SIZES = (32, 64)
-MODEL_KINDS = ("vaegan", "vae", "gan", "vae-disl")
+MODEL_KINDS = ("vaegan", "vae", "gan", "vae-disl", "cvaegan", "cvae", "cgan")
+CONDITIONAL_KINDS = ("cvaegan", "cvae", "cgan")
+
+
+def base_kind(kind):
+    """The unconditional model a kind trains like: cvaegan -> vaegan, cvae -> vae, cgan -> gan."""
+    return kind[1:] if kind in CONDITIONAL_KINDS else kind
+
+
+def with_attribute_channels(x, y):
+    """(N, C, H, W) images and (N, A) attributes -> (N, C + A, H, W): each attribute a constant channel."""
+    if y is None:
+        return x
+    return torch.cat([x, y.to(x.dtype)[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])], 1)
+
+
+def with_attributes(z, y):
+    """(N, latent) codes and (N, A) attributes -> (N, latent + A)."""
+    return z if y is None else torch.cat([z, y.to(z.dtype)], 1)
 
 # Channels of the stride-2 stages, by image size.
 ENCODER_STAGES = {64: (64, 128, 256), 32: (128, 256)}
@@ -41,12 +59,12 @@ def check_image_size(image_size):
 
 
 class Encoder(nn.Module):
-    """Enc(x) -> (mu, logvar)."""
+    """Enc(x) -> (mu, logvar); conditional: Enc(x, y), y as constant input channels."""
 
-    def __init__(self, image_size=64, channels=3, latent_size=128, fc_width=1024):
+    def __init__(self, image_size=64, channels=3, latent_size=128, fc_width=1024, num_attributes=0):
         super().__init__()
         check_image_size(image_size)
-        layers, in_ch = [], channels
+        layers, in_ch = [], channels + num_attributes
         for out_ch in ENCODER_STAGES[image_size]:
             layers += conv_bn_relu(in_ch, out_ch, stride=2)
             in_ch = out_ch
@@ -56,18 +74,18 @@ class Encoder(nn.Module):
         self.mu = nn.Linear(fc_width, latent_size)
         self.logvar = nn.Linear(fc_width, latent_size)
 
-    def forward(self, x):
-        h = self.body(x)
+    def forward(self, x, y=None):
+        h = self.body(with_attribute_channels(x, y))
         return self.mu(h), self.logvar(h)
 
 
 class Decoder(nn.Module):
-    """Dec(z) -> image in [-1, 1]; also the GAN's generator."""
+    """Dec(z) -> image in [-1, 1]; also the GAN's generator. Conditional: Dec([z, y])."""
 
-    def __init__(self, image_size=64, channels=3, latent_size=128):
+    def __init__(self, image_size=64, channels=3, latent_size=128, num_attributes=0):
         super().__init__()
         check_image_size(image_size)
-        layers = [nn.Linear(latent_size, BASE_CHANNELS * BASE * BASE, bias=False),
+        layers = [nn.Linear(latent_size + num_attributes, BASE_CHANNELS * BASE * BASE, bias=False),
                   nn.BatchNorm1d(BASE_CHANNELS * BASE * BASE), nn.ReLU(),
                   nn.Unflatten(1, (BASE_CHANNELS, BASE, BASE))]
         in_ch = BASE_CHANNELS
@@ -77,22 +95,22 @@ class Decoder(nn.Module):
         layers += [conv(in_ch, channels, stride=1, bias=True), nn.Tanh()]
         self.body = nn.Sequential(*layers)
 
-    def forward(self, z):
-        return self.body(z)
+    def forward(self, z, y=None):
+        return self.body(with_attributes(z, y))
 
 
 class Discriminator(nn.Module):
     """Dis(x) -> logit of "x is real"; `forward(x, features_only=True)` -> Dis_l(x).
 
     Dis_l is the output of the last convolution, before its BatchNorm and ReLU
-    (256x8x8 = 16,384 features per image).
+    (256x8x8 = 16,384 features per image). Conditional: Dis(x, y), y as constant input channels.
     """
 
-    def __init__(self, image_size=64, channels=3):
+    def __init__(self, image_size=64, channels=3, num_attributes=0):
         super().__init__()
         check_image_size(image_size)
         stages = DISCRIMINATOR_STAGES[image_size]
-        layers = [conv(channels, 32, stride=1, bias=True), nn.ReLU()]
+        layers = [conv(channels + num_attributes, 32, stride=1, bias=True), nn.ReLU()]
         in_ch = 32
         for out_ch in stages[:-1]:
             layers += conv_bn_relu(in_ch, out_ch, stride=2)
@@ -104,8 +122,8 @@ class Discriminator(nn.Module):
             nn.Linear(BASE_CHANNELS * BASE * BASE, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
             nn.Linear(512, 1))
 
-    def forward(self, x, features_only=False):
-        features = self.features(x)
+    def forward(self, x, y=None, features_only=False):
+        features = self.features(with_attribute_channels(x, y))
         if features_only:
             return features
         return self.head(features).squeeze(1)
@@ -135,24 +153,53 @@ class VAEGAN(nn.Module):
     """The networks a run trains: which exist depends on the model kind.
 
     vaegan, vae-disl: encoder, decoder, discriminator; vae: encoder, decoder; gan: decoder,
-    discriminator.
+    discriminator. The conditional kinds (cvaegan, cvae, cgan: REFERENCE.md §5.3) have the same
+    networks as their base kind, and every network sees the attribute vector y (+-1 per
+    attribute_names entry), as the authors' conditional code does: appended to z for the decoder,
+    as constant channels appended to the image for the encoder (q(z | x, y)) and the discriminator.
     """
 
-    def __init__(self, kind="vaegan", image_size=64, channels=3, latent_size=128, fc_width=1024):
+    def __init__(self, kind="vaegan", image_size=64, channels=3, latent_size=128, fc_width=1024, attribute_names=()):
         super().__init__()
         if kind not in MODEL_KINDS:
             raise ValueError(f"model {kind!r} is not one of {', '.join(MODEL_KINDS)}")
+        self.conditional = kind in CONDITIONAL_KINDS
+        if self.conditional and not attribute_names:
+            raise ValueError(f"model {kind!r} is conditional: it needs attribute names")
+        if attribute_names and not self.conditional:
+            raise ValueError(f"model {kind!r} is not conditional: it takes no attributes")
         self.kind = kind
         self.image_size, self.channels, self.latent_size = image_size, channels, latent_size
-        self.encoder = Encoder(image_size, channels, latent_size, fc_width) if kind != "gan" else None
-        self.decoder = Decoder(image_size, channels, latent_size)
-        self.discriminator = Discriminator(image_size, channels) if kind != "vae" else None
+        self.attribute_names = list(attribute_names)
+        a = len(self.attribute_names)
+        base = base_kind(kind)
+        self.encoder = Encoder(image_size, channels, latent_size, fc_width, a) if base != "gan" else None
+        self.decoder = Decoder(image_size, channels, latent_size, a)
+        self.discriminator = Discriminator(image_size, channels, a) if base != "vae" else None
         init_weights(self)
 
     def networks(self):
         """{name: module} of the networks this kind has, each with its own optimizer."""
         names = ("encoder", "decoder", "discriminator")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def check_attributes(self, y, n):
+        """y for n images: None for an unconditional model, (n, A) (or one (A,) row for all) otherwise."""
+        if not self.conditional:
+            if y is not None:
+                raise ValueError(f"a {self.kind!r} model is not conditional: it takes no attributes")
+            return None
+        if y is None:
+            raise ValueError(f"a {self.kind!r} model is conditional: pass attributes, (N, {len(self.attribute_names)}) "
+                             f"values of +-1 for {', '.join(self.attribute_names)}")
+        y = torch.as_tensor(y, dtype=torch.float32)
+        if y.dim() == 1:
+            y = y.expand(n, -1)
+        if y.shape != (n, len(self.attribute_names)):
+            raise ValueError(f"attributes of shape {tuple(y.shape)} given for {n} images; the model takes "
+                             f"({n}, {len(self.attribute_names)}): {', '.join(self.attribute_names)}")
+        device = next(self.parameters()).device
+        return y.to(device, next(self.parameters()).dtype)
 
     @contextmanager
     def batch_statistics(self):
@@ -172,29 +219,31 @@ class VAEGAN(nn.Module):
             self.train(was_training)
 
     # The inference API (vaegan.load returns this model in eval mode: running statistics).
+    # `attributes`: required by the conditional kinds, refused by the others.
     @torch.no_grad()
-    def encode(self, x):
+    def encode(self, x, attributes=None):
         """Images in [-1, 1], (N, C, H, W) -> (mu, logvar)."""
         if self.encoder is None:
-            raise RuntimeError("a 'gan' model has no encoder: it cannot encode or reconstruct")
-        return self.encoder(x)
+            raise RuntimeError(f"a {self.kind!r} model has no encoder: it cannot encode or reconstruct")
+        return self.encoder(x, self.check_attributes(attributes, x.shape[0]))
 
     @torch.no_grad()
-    def decode(self, z):
+    def decode(self, z, attributes=None):
         """Codes (N, latent_size) -> images in [-1, 1]."""
-        return self.decoder(z)
+        return self.decoder(z, self.check_attributes(attributes, z.shape[0]))
 
     @torch.no_grad()
-    def reconstruct(self, x):
+    def reconstruct(self, x, attributes=None):
         """Dec(mu(x)): the reconstruction from the posterior mean."""
-        mu, _ = self.encode(x)
-        return self.decode(mu)
+        mu, _ = self.encode(x, attributes)
+        return self.decode(mu, attributes)
 
     @torch.no_grad()
-    def sample(self, n, seed=None):
-        """n images decoded from z ~ N(0, I); the same seed gives the same images."""
+    def sample(self, n, seed=None, attributes=None):
+        """n images decoded from z ~ N(0, I) (with the given attributes: conditional generation);
+        the same seed gives the same images."""
         device = next(self.parameters()).device
         generator = torch.Generator(device="cpu")
         generator.manual_seed(torch.seed() if seed is None else seed)
-        z = torch.randn(n, self.latent_size, generator=generator).to(device)
-        return self.decode(z)
+        z = torch.randn(n, self.latent_size, generator=generator).to(device, next(self.parameters()).dtype)
+        return self.decode(z, attributes)

@@ -77,6 +77,11 @@ def _split(t, n):
     return t[:n], t[n:]
 
 
+def _cat(*tensors):
+    """torch.cat along the batch, or None for an unconditional model's missing attributes."""
+    return None if tensors[0] is None else torch.cat(tensors)
+
+
 def discriminator_loss(cfg, logits_real, logits_fake):
     """L_dis = -L_GAN: weighted batch means of -log Dis(x) and -log(1 - Dis(fake))."""
     real_loss, fake_loss = losses.GAN_LOSS_FORMS[cfg.gan_loss_form]
@@ -132,52 +137,55 @@ def _gan_terms(cfg, logits_real, logits_fake):
             real_cost, fake_cost)
 
 
-def compute_gradients(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dtype=None):
+def compute_gradients(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dtype=None, attributes=None):
     """One forward, one backward: afterwards each network's `.grad` is the gradient of its own loss.
 
-    x: images (B, C, H, W) in [-1, 1]; z_prior: (B, latent) prior codes; the reparameterisation
+    x: images (B, C, H, W) in [-1, 1]; z_prior: (B, latent) prior codes; attributes: (B, A) for a
+    conditional model (the prior samples take the batch's own attributes), else None; the reparameterisation
     noise is Philox at noise_seed, rows offset by row_offset (a rank's place in the global batch).
     Returns the step's losses and the equilibrium costs, detached (no device synchronisation here).
     """
     for p in model.parameters():
         p.grad = None
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
-    batch = x.shape[0]
+    batch, y = x.shape[0], attributes
     kl = llike = dis_loss = gen_loss = real_cost = fake_cost = pixel_error = None
     with _autocast(x, autocast_dtype):
         total = 0.0
         if enc is not None:
-            mu, logvar = enc(x)
+            mu, logvar = enc(x, y)
             z, kl = _reparameterise(cfg, mu, logvar, noise_seed, row_offset)
             w = decoder_llike_weight(cfg)
-            x_rec = dec(scale_grad(z, 1.0 / w))  # the encoder receives dL_llike/dz at weight 1 ...
+            x_rec = dec(scale_grad(z, 1.0 / w), y)  # the encoder receives dL_llike/dz at weight 1 ...
             x_rec_llike = scale_grad(x_rec, w)    # ... and the decoder at weight w
             pixel_error = pixel_mse(x_rec, x)
             if dis is None:  # plain VAE: the Gaussian in pixel space
                 llike = _gaussian_nll(cfg, x_rec_llike, x)
             else:
-                features_rec, features_real = _split(frozen(dis, torch.cat([x_rec_llike, x]), features_only=True), batch)
+                features_rec, features_real = _split(
+                    frozen(dis, torch.cat([x_rec_llike, x]), _cat(y, y), features_only=True), batch)
                 llike = _gaussian_nll(cfg, features_rec, features_real.detach())
             total = kl + llike
         if dis is not None:
+            y_fakes = y
             if cfg.kind == "vae-disl":  # the decoder gets no GAN gradient
                 with torch.no_grad():
-                    fakes = dec(z_prior)
+                    fakes = dec(z_prior, y)
             else:
-                fakes = dec(z_prior)
+                fakes = dec(z_prior, y)
                 if cfg.dis_sees_recon:  # a separate decoder pass from z.detach(): no GAN gradient reaches the encoder
-                    fakes = torch.cat([fakes, dec(z.detach())])
+                    fakes, y_fakes = torch.cat([fakes, dec(z.detach(), y)]), _cat(y, y)
             minimax = cfg.kind != "vae-disl" and cfg.saturating
             # minimax: the decoder descends -L_dis, i.e. the discriminator's gradient reversed at the fakes
             fakes_for_dis = scale_grad(fakes, -1.0) if minimax else fakes.detach()
-            logits_real, logits_fake = _split(dis(torch.cat([x, fakes_for_dis])), batch)
+            logits_real, logits_fake = _split(dis(torch.cat([x, fakes_for_dis]), _cat(y, y_fakes)), batch)
             dis_loss, _, real_cost, fake_cost = _gan_terms(cfg, logits_real, logits_fake)
             total = total + dis_loss
             if cfg.kind != "vae-disl":
                 if minimax:
                     gen_loss = -dis_loss  # reported; its gradient is already routed
                 else:
-                    frozen_real, frozen_fake = _split(frozen(dis, torch.cat([x, fakes])), batch)
+                    frozen_real, frozen_fake = _split(frozen(dis, torch.cat([x, fakes]), _cat(y, y_fakes)), batch)
                     gen_loss = _gan_terms(cfg, frozen_real.detach(), frozen_fake)[1]
                     total = total + gen_loss
     total.backward()
@@ -185,34 +193,36 @@ def compute_gradients(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast
                   pixel_error=pixel_error)
 
 
-def network_losses(model, x, eps, z_prior, cfg):
+def network_losses(model, x, eps, z_prior, cfg, attributes=None):
     """The three networks' losses written out plainly, from one ordinary forward pass.
 
     Returns ({network name: its loss}, stats). The reference for the routed step.
     """
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
-    batch = x.shape[0]
+    batch, y = x.shape[0], attributes
     own = {}
     kl = llike = dis_loss = gen_loss = real_cost = fake_cost = pixel_error = None
     if enc is not None:
-        mu, logvar = enc(x)
+        mu, logvar = enc(x, y)
         z = mu + torch.exp(0.5 * logvar) * eps
-        x_rec = dec(z)
+        x_rec = dec(z, y)
         pixel_error = pixel_mse(x_rec, x)
         kl = losses.kl_divergence(mu, logvar).mean()
         if dis is None:
             llike = losses.pixel_nll(x_rec, x).mean()
         else:
-            features_rec, features_real = _split(dis(torch.cat([x_rec, x]), features_only=True), batch)
+            features_rec, features_real = _split(dis(torch.cat([x_rec, x]), _cat(y, y), features_only=True), batch)
             llike = losses.feature_nll(features_rec, features_real.detach()).mean()
         own["encoder"] = kl + llike
         own["decoder"] = decoder_llike_weight(cfg) * llike
     if dis is not None:
-        x_prior = dec(z_prior)
-        fakes = torch.cat([x_prior, x_rec]) if cfg.dis_sees_recon and cfg.kind != "vae-disl" else x_prior
+        x_prior = dec(z_prior, y)
+        fakes, y_fakes = x_prior, y
+        if cfg.dis_sees_recon and cfg.kind != "vae-disl":
+            fakes, y_fakes = torch.cat([x_prior, x_rec]), _cat(y, y)
         if cfg.kind == "vae-disl":
             fakes = fakes.detach()
-        logits_real, logits_fake = _split(dis(torch.cat([x, fakes])), batch)
+        logits_real, logits_fake = _split(dis(torch.cat([x, fakes]), _cat(y, y_fakes)), batch)
         dis_loss = discriminator_loss(cfg, logits_real, logits_fake)
         own["discriminator"] = dis_loss
         if cfg.kind != "vae-disl":
@@ -226,9 +236,9 @@ def network_losses(model, x, eps, z_prior, cfg):
                        fake_cost=fake_cost, pixel_error=pixel_error)
 
 
-def compute_gradients_reference(model, x, eps, z_prior, cfg):
+def compute_gradients_reference(model, x, eps, z_prior, cfg, attributes=None):
     """Each network's gradient of its own loss, one autograd.grad per network (slow, obvious)."""
-    own, stats = network_losses(model, x, eps, z_prior, cfg)
+    own, stats = network_losses(model, x, eps, z_prior, cfg, attributes)
     nets = model.networks()
     for i, (name, loss) in enumerate(own.items()):
         params = list(nets[name].parameters())

@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from tqdm import tqdm
@@ -14,7 +14,7 @@ from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
 from .data import DataError, StepBatchSampler, build_dataset, make_loader
 from .data.dali import DaliLoader
 from .images import interleave, save_grid
-from .models import VAEGAN
+from .models import CONDITIONAL_KINDS, VAEGAN, base_kind
 from .step import StepConfig, compute_gradients, equilibrium_decisions
 
 GRID_IMAGES = 32
@@ -31,14 +31,15 @@ def resolve_device(name):
 
 
 def step_config(cfg, kernel_set):
-    return StepConfig(kind=cfg.model, gamma=cfg.gamma, real_weight=cfg.real_weight, fake_weight=cfg.fake_weight,
+    return StepConfig(kind=base_kind(cfg.model), gamma=cfg.gamma, real_weight=cfg.real_weight, fake_weight=cfg.fake_weight,
                       saturating=cfg.decoder_gan_loss == "minimax", gan_loss_form=cfg.gan_loss_form,
                       dis_sees_recon=cfg.dis_sees_recon, equilibrium=cfg.equilibrium,
                       equilibrium_value=cfg.equilibrium_value, margin=cfg.margin, kernels=kernel_set)
 
 
 def build_model(cfg):
-    model = VAEGAN(cfg.model, cfg.image_size, cfg.channels, cfg.latent_size, cfg.fc_width)
+    model = VAEGAN(cfg.model, cfg.image_size, cfg.channels, cfg.latent_size, cfg.fc_width,
+                   cfg.attributes.split(",") if cfg.attributes else ())
     if cfg.sync_bn:
         distributed.convert_to_global_batchnorm(model)
     return model
@@ -56,6 +57,21 @@ def build_optimizers(model, cfg):
         else:
             optimizers[name] = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.5, 0.999))
     return optimizers
+
+
+def conditioning_columns(cfg, dataset):
+    """(attribute names, their columns in the data's attribute table) a conditional model conditions on."""
+    if cfg.model not in CONDITIONAL_KINDS:
+        return [], None
+    if not dataset.attribute_names:
+        raise ConfigError(f"--model {cfg.model} conditions on attributes, and {dataset.name} has none "
+                          "(CelebA's list_attr_celeba.txt, or one in its format beside a folder's images)")
+    names = cfg.attributes.split(",") if cfg.attributes else list(dataset.attribute_names)
+    unknown = [n for n in names if n not in dataset.attribute_names]
+    if unknown or len(set(names)) != len(names):
+        raise ConfigError(f"--attributes {cfg.attributes}: " + (f"{', '.join(unknown)} not in the data's attribute "
+                          f"file (it has {', '.join(dataset.attribute_names)})" if unknown else "a name is repeated"))
+    return names, [dataset.attribute_names.index(n) for n in names]
 
 
 def step_noise(seed, step, global_batch, latent_size, rank, batch_size):
@@ -113,7 +129,8 @@ def merge_resumed_config(cfg, saved):
     if "out" not in getattr(cfg, "explicit", ()):
         values["out"] = cfg.resume
     values["resume"] = cfg.resume
-    return TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
+    defaults = TrainConfig()
+    return TrainConfig(**{f.name: values.get(f.name, getattr(defaults, f.name)) for f in fields(TrainConfig)})
 
 
 class StopRequest:
@@ -181,6 +198,9 @@ def train(cfg):
 def run(cfg, ctx, device, saved):
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(cfg.data, "train", cfg.image_size, cfg.channels)
+    attribute_names, attribute_columns = conditioning_columns(cfg, dataset)
+    if attribute_names:
+        cfg = replace(cfg, attributes=",".join(attribute_names))
     param_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
     model = build_model(cfg).to(device, param_dtype)
     optimizers = build_optimizers(model, cfg)
@@ -220,6 +240,8 @@ def run(cfg, ctx, device, saved):
     parameters = sum(p.numel() for p in model.parameters())
     log(ctx, f"vaegan: model {cfg.model} ({parameters / 1e6:.1f}M parameters), {cfg.image_size}x{cfg.image_size}x"
              f"{cfg.channels}, data {dataset.name}: {len(dataset)} images"
+             + (f", conditioned on {len(attribute_names)} attributes ({', '.join(attribute_names)}); the encoder "
+                "sees them too" if attribute_names else "")
              + (f", {unused} left over each epoch (a different {unused} each time: only full global batches are used)"
                 if unused else ""))
     log(ctx, f"vaegan: device {device}, precision {cfg.precision}, loader {loader_kind} ({loader_reason}), "
@@ -244,15 +266,20 @@ def run(cfg, ctx, device, saved):
                              generator=torch.Generator().manual_seed(cfg.seed)).to(device, param_dtype)
     grid_originals = torch.stack([dataset[(i, False)][0]
                                   for i in range(min(GRID_IMAGES // 2, len(dataset)))]).to(device, param_dtype)
+    grid_sample_attributes = grid_original_attributes = None
+    if attribute_names:  # samples take the attributes of the first training images, in turn
+        table = dataset.attributes[:, attribute_columns].to(device, param_dtype)
+        grid_sample_attributes = table[torch.arange(GRID_IMAGES) % len(table)]
+        grid_original_attributes = table[:len(grid_originals)]
 
     def save_grids(step):
         # Every rank computes (GlobalBatchNorm's statistics are collective); rank 0 writes.
         with model.batch_statistics():
-            samples = model.decoder(grid_noise)
+            samples = model.decoder(grid_noise, grid_sample_attributes)
             pairs = None
             if model.encoder is not None:
-                mu, _ = model.encoder(grid_originals)
-                pairs = interleave(grid_originals, model.decoder(mu))
+                mu, _ = model.encoder(grid_originals, grid_original_attributes)
+                pairs = interleave(grid_originals, model.decoder(mu, grid_original_attributes))
         if ctx.is_main:
             save_grid(os.path.join(cfg.out, f"samples-{step:07d}.png"), samples)
             if pairs is not None:
@@ -266,7 +293,7 @@ def run(cfg, ctx, device, saved):
     progress = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not ctx.is_main, dynamic_ncols=True,
                     file=sys.stderr)
     with StopRequest() as stop:
-        for images, _attributes, bad_files in loader:
+        for images, attributes, bad_files in loader:
             for path in bad_files:
                 if path not in unreadable:
                     unreadable.add(path)
@@ -276,8 +303,9 @@ def run(cfg, ctx, device, saved):
                                   f"(first: {sorted(unreadable)[0]})")
             x = images.to(device, param_dtype, non_blocking=True)
             noise_seed, z_prior = step_noise(cfg.seed, step, global_batch, cfg.latent_size, ctx.rank, cfg.batch_size)
+            y = attributes[:, attribute_columns].to(device, param_dtype) if attribute_names else None
             stats = compute_gradients(model, x, z_prior.to(device, param_dtype), scfg, noise_seed, ctx.rank * cfg.batch_size,
-                                      autocast_dtype)
+                                      autocast_dtype, y)
             if ctx.distributed:  # every rank must stop after the same step
                 stats["stop"] = torch.tensor(float(stop.requested), device=device)
             stats = distributed.average_step(model, stats, ctx)

@@ -34,7 +34,10 @@ def attribute_grid(run, out_png, data=None, names=None, num_train=2000, num_test
     """Rows: test images; columns: original, reconstruction, then one column per attribute added."""
     model = load(run, device)
     if model.encoder is None:
-        raise DataError("a 'gan' run has no encoder: attribute vectors need one")
+        raise DataError(f"a {model.kind!r} run has no encoder: attribute vectors need one")
+    if model.conditional:
+        raise DataError(f"a {model.kind!r} run takes its attributes as input: generate with them "
+                        "(vaegan.load(run).sample(n, attributes=...)); attribute vectors are for unconditional runs")
     cfg = model.run_config
     data = data or cfg["data"]
     train = build_dataset(data, "train", cfg["image_size"], cfg["channels"])

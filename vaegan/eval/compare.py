@@ -7,7 +7,7 @@ import torch
 from .. import checkpoint, load
 from ..data import DataError, build_dataset
 from ..images import save_grid
-from .evaluate import evaluate, evaluation_split, real_batches
+from .evaluate import evaluate, evaluation_split, model_attributes, real_batches, rows
 
 TABLE_COLUMNS = ("FID", "KID", "precision", "recall", "pixel MSE", "Dis_l error")
 
@@ -33,8 +33,9 @@ def compare(runs, out, num_samples=1000, num_images=8, device="cpu", seed=0, log
     blank = torch.zeros_like(originals)  # a run without an encoder has no reconstructions
     sample_rows, reconstruction_rows, results = [], [originals], []
     for run, cfg, model in zip(runs, configs, models):
-        sample_rows.append(model.sample(len(originals), seed=seed))
-        reconstruction_rows.append(model.reconstruct(originals) if model.encoder is not None else blank)
+        y = rows(model_attributes(model, test), 0, len(originals))  # conditional runs: the test images' attributes
+        sample_rows.append(model.sample(len(originals), seed=seed, attributes=y))
+        reconstruction_rows.append(model.reconstruct(originals, y) if model.encoder is not None else blank)
         log(f"vaegan compare: evaluating {run} ({cfg['model']})")
         results.append(evaluate(run, num_samples, data, device=device, seed=seed, log=log, model=model))
     os.makedirs(out, exist_ok=True)

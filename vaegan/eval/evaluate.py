@@ -23,6 +23,22 @@ def real_batches(dataset, n, batch_size):
         yield torch.stack([dataset[(i, False)][0] for i in range(start, min(n, start + batch_size))])
 
 
+def model_attributes(model, dataset):
+    """The data's attributes in the columns a conditional model takes (N, A); None for other models."""
+    if not model.conditional:
+        return None
+    missing = [a for a in model.attribute_names if a not in dataset.attribute_names]
+    if missing:
+        raise DataError(f"{dataset.name}: the conditional model takes attributes {', '.join(model.attribute_names)}; "
+                        f"the data's attribute file lacks {', '.join(missing)}" if dataset.attribute_names else
+                        f"{dataset.name}: no attribute file, and the conditional model needs its attributes")
+    return dataset.attributes[:, [dataset.attribute_names.index(a) for a in model.attribute_names]]
+
+
+def rows(table, start, stop):
+    return None if table is None else table[start:stop]
+
+
 def cached_real_features(run, dataset, data, split, cfg, n, batch_size, network, digest, device, log):
     """Inception features of the first n real images, cached beside the run, keyed by everything
     that determines them: the data, the split, the preprocessing, n and the network."""
@@ -45,12 +61,16 @@ def reconstruction_errors(model, dataset, n, batch_size, device):
     if model.encoder is None:
         return None, None
     pixel, feature = [], []
-    for images in real_batches(dataset, n, batch_size):
+    table = model_attributes(model, dataset)
+    for start, images in zip(range(0, n, batch_size), real_batches(dataset, n, batch_size)):
         x = images.to(device)
-        x_rec = model.reconstruct(x)
+        y = rows(table, start, start + len(x))
+        x_rec = model.reconstruct(x, y)
         pixel.append(((x_rec - x) ** 2).mean(dim=(1, 2, 3)))
         if model.discriminator is not None:
-            diff = model.discriminator(x_rec, features_only=True) - model.discriminator(x, features_only=True)
+            y = model.check_attributes(y, len(x))
+            diff = (model.discriminator(x_rec, y, features_only=True)
+                    - model.discriminator(x, y, features_only=True))
             feature.append(0.5 * diff.flatten(1).pow(2).sum(1))
     return torch.cat(pixel).mean().item(), (torch.cat(feature).mean().item() if feature else None)
 
@@ -71,9 +91,12 @@ def evaluate(run, num_samples=1000, data=None, batch_size=50, device="cpu", seed
     log(f"vaegan eval: {n} real images ({dataset.name}, split {split}) against {n} samples of step {model.run_step}")
     real = cached_real_features(run_dir, dataset, data, split, cfg, n, batch_size, network, digest, device, log)
 
+    table = model_attributes(model, dataset)  # conditional models generate with the real images' attributes
+
     def generated_batches():
         for start in range(0, n, batch_size):
-            yield model.sample(min(batch_size, n - start), seed=seed + start)
+            count = min(batch_size, n - start)
+            yield model.sample(count, seed=seed + start, attributes=rows(table, start, start + count))
     fake = inception.inception_features(network, generated_batches(), n, device, desc="samples").numpy()
     fid = frechet_distance(*gaussian_statistics(real), *gaussian_statistics(fake))
     kid, kid_std = kernel_inception_distance(real, fake, subset_size=min(1000, n))
