@@ -19,8 +19,17 @@ SEED_LIMIT = 2 ** 31
 
 
 def normalise_seed(seed):
-    """Seeds are taken modulo 2**31 (the kernels receive them as int32)."""
+    """Seeds are taken modulo 2**31: an int, or an integer tensor (kept on its device: no sync)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(()).to(torch.int64) % SEED_LIMIT
     return int(seed) % SEED_LIMIT
+
+
+def seed_tensor(seed, device):
+    """The seed as the kernels read it: a one-element int64 tensor on `device`."""
+    if isinstance(seed, torch.Tensor):
+        return normalise_seed(seed).to(device).reshape(1)
+    return torch.tensor([normalise_seed(seed)], dtype=torch.int64, device=device)
 
 
 def _mul_hi_lo(a, b):

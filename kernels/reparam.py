@@ -1,7 +1,9 @@
 """Fused reparameterisation and KL: z = mu + exp(logvar/2) * eps and the per-sample KL, one pass.
 
 eps is drawn inside the kernel from Philox at (seed, element offset) and drawn again in the
-backward pass: nothing random is stored. Row r of a batch uses offsets
+backward pass: nothing random is stored. The seed travels as a one-element int64 tensor on the
+device, read by the kernel: a new seed every step is new data, not a new kernel argument, so it
+neither recompiles nor invalidates a captured CUDA graph. Row r of a batch uses offsets
 (row_offset + r) * D + c, so ranks of a data-parallel run draw disjoint slices of one global
 stream (see kernels/philox.py, which computes the same numbers in PyTorch).
 """
@@ -16,9 +18,10 @@ from . import philox
 from .checks import check_matrix
 
 
-@triton.jit(do_not_specialize=["seed", "row_offset"])  # a new seed every step must not recompile
-def _reparam_kl_forward(mu_ptr, logvar_ptr, z_ptr, kl_ptr, seed, row_offset, columns, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["row_offset"])
+def _reparam_kl_forward(mu_ptr, logvar_ptr, z_ptr, kl_ptr, seed_ptr, row_offset, columns, BLOCK: tl.constexpr):
     row = tl.program_id(0)
+    seed = tl.load(seed_ptr)
     cols = tl.arange(0, BLOCK)
     mask = cols < columns
     index = row * columns + cols
@@ -32,10 +35,11 @@ def _reparam_kl_forward(mu_ptr, logvar_ptr, z_ptr, kl_ptr, seed, row_offset, col
     tl.store(kl_ptr + row, -0.5 * tl.sum(terms, axis=0))
 
 
-@triton.jit(do_not_specialize=["seed", "row_offset"])
-def _reparam_kl_backward(mu_ptr, logvar_ptr, grad_z_ptr, grad_kl_ptr, grad_mu_ptr, grad_logvar_ptr, seed,
+@triton.jit(do_not_specialize=["row_offset"])
+def _reparam_kl_backward(mu_ptr, logvar_ptr, grad_z_ptr, grad_kl_ptr, grad_mu_ptr, grad_logvar_ptr, seed_ptr,
                          row_offset, columns, BLOCK: tl.constexpr):
     row = tl.program_id(0)
+    seed = tl.load(seed_ptr)
     cols = tl.arange(0, BLOCK)
     mask = cols < columns
     index = row * columns + cols
@@ -52,7 +56,7 @@ def _reparam_kl_backward(mu_ptr, logvar_ptr, grad_z_ptr, grad_kl_ptr, grad_mu_pt
 
 
 @triton_op("vaegan::reparam_kl_forward", mutates_args={})
-def _forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int, row_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, row_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows, columns = mu.shape
     z = torch.empty_like(mu)
     kl = torch.empty(rows, device=mu.device, dtype=torch.float32)
@@ -62,7 +66,7 @@ def _forward(mu: torch.Tensor, logvar: torch.Tensor, seed: int, row_offset: int)
 
 
 @triton_op("vaegan::reparam_kl_backward", mutates_args={})
-def _backward(mu: torch.Tensor, logvar: torch.Tensor, grad_z: torch.Tensor, grad_kl: torch.Tensor, seed: int,
+def _backward(mu: torch.Tensor, logvar: torch.Tensor, grad_z: torch.Tensor, grad_kl: torch.Tensor, seed: torch.Tensor,
               row_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows, columns = mu.shape
     grad_mu = torch.empty_like(mu)
@@ -74,15 +78,15 @@ def _backward(mu: torch.Tensor, logvar: torch.Tensor, grad_z: torch.Tensor, grad
 
 def _setup_context(ctx, inputs, output):
     mu, logvar, seed, row_offset = inputs
-    ctx.save_for_backward(mu, logvar)
-    ctx.seed, ctx.row_offset = seed, row_offset
+    ctx.save_for_backward(mu, logvar, seed)
+    ctx.row_offset = row_offset
 
 
 def _autograd_backward(ctx, grad_z, grad_kl):
-    mu, logvar = ctx.saved_tensors
+    mu, logvar, seed = ctx.saved_tensors
     grad_z = torch.zeros_like(mu) if grad_z is None else grad_z.contiguous()
     grad_kl = torch.zeros(mu.shape[0], device=mu.device, dtype=torch.float32) if grad_kl is None else grad_kl.contiguous()
-    grad_mu, grad_logvar = _backward(mu, logvar, grad_z, grad_kl, ctx.seed, ctx.row_offset)
+    grad_mu, grad_logvar = _backward(mu, logvar, grad_z, grad_kl, seed, ctx.row_offset)
     return grad_mu, grad_logvar, None, None
 
 
@@ -90,9 +94,10 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def reparam_kl(mu, logvar, seed, row_offset=0):
-    """(z, kl): z (B, D) in mu's dtype, kl (B,) in float32. Gradients reach mu and logvar from both."""
+    """(z, kl): z (B, D) in mu's dtype, kl (B,) in float32. Gradients reach mu and logvar from both.
+    seed: an int or an integer tensor of one element (taken modulo 2**31)."""
     check_matrix("reparam_kl", mu=mu, logvar=logvar)
-    return _forward(mu.contiguous(), logvar.contiguous(), philox.normalise_seed(seed), int(row_offset))
+    return _forward(mu.contiguous(), logvar.contiguous(), philox.seed_tensor(seed, mu.device), int(row_offset))
 
 
 def reparam_kl_reference(mu, logvar, seed, row_offset=0):

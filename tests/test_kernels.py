@@ -88,6 +88,23 @@ def test_rows_of_a_rank_are_its_slice_of_the_global_batch():
     assert torch.equal(z_rank1, z_global[4:]) and torch.equal(kl_rank1, kl_global[4:])
 
 
+def test_a_seed_tensor_draws_what_the_int_seed_draws():
+    # The fast step passes the seed as a device tensor (no recompile, no new CUDA graph per step).
+    mu = torch.randn(5, 9, device=DEVICE, requires_grad=True)
+    logvar = torch.randn(5, 9, device=DEVICE, requires_grad=True)
+    for seed in (3, 2 ** 31 + 3, -5):
+        z_int, kl_int = kernels.reparam_kl(mu, logvar, seed=seed, row_offset=2)
+        z_tensor, kl_tensor = kernels.reparam_kl(mu, logvar, seed=torch.tensor(seed), row_offset=2)
+        assert torch.equal(z_int, z_tensor) and torch.equal(kl_int, kl_tensor)
+        eps_int = philox.rows_randn(seed, 5, 9, 2, device=DEVICE)
+        assert torch.equal(eps_int, philox.rows_randn(torch.tensor(seed, device=DEVICE), 5, 9, 2, device=DEVICE))
+        g_int = torch.autograd.grad(z_int.sum(), mu)[0]
+        g_tensor = torch.autograd.grad(kernels.reparam_kl(mu, logvar, seed=torch.tensor([seed]), row_offset=2)[0].sum(),
+                                       mu)[0]
+        assert torch.equal(g_int, g_tensor)
+    assert not torch.equal(kernels.reparam_kl(mu, logvar, seed=torch.tensor(4))[0], z_int)
+
+
 def test_reparam_kl_takes_non_contiguous_inputs():
     mu, logvar = torch.randn(40, 6).t(), torch.randn(40, 6).t()  # (6, 40), transposed storage
     assert not mu.is_contiguous()
