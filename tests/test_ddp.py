@@ -75,3 +75,23 @@ def test_two_processes_equal_one_process_and_replicas_stay_identical(tmp_path):
     assert_trained(rank0)
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
+
+
+def test_fast_mode_on_two_processes_gives_the_eager_parameters(tmp_path):
+    # The fast step (compiled forward and optimizer steps, channels-last, foreach optimizers, gradients
+    # averaged in buckets during the backward) against the plain eager step with one all-reduce after it.
+    start = initial_state()
+    common = small(4) + STEPS + ["--precision", "fp64"]
+    eager = launch(2, common + ["--memory-format", "contiguous", "--optimizer-impl", "for-loop",
+                                "--no-overlap-allreduce"], tmp_path / "eager")
+    assert "step eager, contiguous, optimizers for-loop" in eager.stderr
+    assert "gradients averaged after the backward pass" in eager.stderr
+    fast = launch(2, common + ["--compile", "--compile-backend", "aot_eager", "--memory-format", "channels-last",
+                               "--optimizer-impl", "foreach"], tmp_path / "fast")
+    assert "step torch.compile (aot_eager), channels-last, optimizers foreach" in fast.stderr
+    assert "gradients averaged in buckets during the backward pass" in fast.stderr
+    reference = torch.load(tmp_path / "eager" / "rank0.pt")
+    assert_trained(reference)
+    for rank in (0, 1):
+        # 1e-6 of the movement: the compiled optimizers hold the learning rate as a float32 tensor
+        assert worst_difference(torch.load(tmp_path / "fast" / f"rank{rank}.pt"), reference, start) < 1e-6

@@ -45,6 +45,12 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     kernels: str = "auto"   # triton on CUDA, torch elsewhere
+    compile: bool = False
+    cuda_graphs: bool = False
+    compile_backend: str = "inductor"
+    memory_format: str = "auto"   # channels-last on CUDA, contiguous elsewhere
+    optimizer_impl: str = "auto"  # fused (adam on CUDA) or foreach
+    overlap_allreduce: bool = True
     loader: str = "auto"    # dali on CUDA for image files, pil elsewhere
     workers: int = None     # default: min(4, the number of CPU cores)
     out: str = None  # default: runs/MODEL-TIMESTAMP
@@ -70,7 +76,8 @@ class TrainConfig:
 
 # Options that may differ when a run is resumed; every other value comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "loader", "workers", "out", "resume", "log_every", "sample_every",
-                       "checkpoint_every", "keep_every")
+                       "checkpoint_every", "keep_every", "compile", "cuda_graphs", "compile_backend", "memory_format",
+                       "optimizer_impl", "overlap_allreduce")
 
 
 class ConfigError(ValueError):
@@ -159,6 +166,22 @@ def add_train_arguments(parser):
     a("--kernels", choices=("auto", "torch", "triton"), default=d.kernels,
       help="loss implementation: the fused Triton kernels or the PyTorch reference losses "
            "(default: auto: triton on CUDA, torch elsewhere; on a CPU triton needs TRITON_INTERPRET=1)")
+    a("--compile", action="store_true",
+      help="torch.compile the step: the forward with its routed backward, and each optimizer step (default: eager)")
+    a("--cuda-graphs", action="store_true",
+      help="with --compile on CUDA: capture the compiled step in CUDA graphs (mode reduce-overhead)")
+    a("--compile-backend", choices=("inductor", "aot_eager"), default=d.compile_backend,
+      help="torch.compile backend: inductor (generates kernels) or aot_eager (traces only; for debugging) "
+           "(default: inductor)")
+    a("--memory-format", choices=("auto", "channels-last", "contiguous"), default=d.memory_format,
+      help="layout of images and convolution weights (default: auto: channels-last on CUDA, contiguous elsewhere)")
+    a("--optimizer-impl", choices=("auto", "for-loop", "foreach", "fused", "apex"), default=d.optimizer_impl,
+      help="the optimizers' implementation: torch's for-loop, foreach (multi-tensor) or fused (Adam only) "
+           "kernels, or NVIDIA apex's FusedAdam if you have built apex (default: auto: fused for adam on CUDA, "
+           "else foreach)")
+    a("--no-overlap-allreduce", dest="overlap_allreduce", action="store_false",
+      help="multi-process: average all gradients in one all-reduce after the backward pass instead of in "
+           "buckets that start while it runs")
     a("--loader", choices=("auto", "pil", "dali"), default=d.loader,
       help="image loading: NVIDIA DALI (GPU decoding; on a CPU its CPU operators) or PIL DataLoader workers "
            "(default: auto: dali on CUDA for image files, pil elsewhere)")

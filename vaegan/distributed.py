@@ -65,16 +65,93 @@ def running_stat_buffers(module):
     return [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
 
 
-def average_step(module, scalars, ctx):
-    """Average gradients, BatchNorm running statistics and `scalars` (a dict of 0-d tensors) across ranks.
+class OverlappedGradientReducer:
+    """Averages gradients across ranks while the backward pass is still running.
+
+    Parameters are grouped, in reverse order of registration (roughly the order in which the
+    backward pass finishes them), into buckets of about `bucket_bytes`; a hook after each
+    parameter's gradient is accumulated copies it into its bucket, and a full bucket starts an
+    asynchronous all-reduce at once. `finish()` waits for them and writes the averages back.
+    Each hook fires once per backward pass, after every use of the parameter has contributed
+    (the routed step uses the decoder and the discriminator several times), so what is reduced
+    is the complete gradient. Under torch.compile the backward is one compiled region and the
+    hooks fire when it ends: the buckets then go out back to back instead of overlapping.
+    """
+
+    def __init__(self, module, ctx, bucket_bytes=25 * 2 ** 20):
+        self.ctx = ctx
+        params = [p for p in module.parameters() if p.requires_grad][::-1]
+        self.buckets, self.bucket_of, bucket, size = [], {}, [], 0
+        for p in params:
+            bucket.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_bytes:
+                self.buckets.append(bucket)
+                bucket, size = [], 0
+        if bucket:
+            self.buckets.append(bucket)
+        self.flat = [torch.zeros(sum(p.numel() for p in b), dtype=b[0].dtype, device=b[0].device) for b in self.buckets]
+        self.offsets = {}
+        for i, b in enumerate(self.buckets):
+            offset = 0
+            for p in b:
+                self.bucket_of[p], self.offsets[p] = i, offset
+                offset += p.numel()
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        self.reset()
+
+    def reset(self):
+        self.pending = [len(b) for b in self.buckets]
+        self.works = [None] * len(self.buckets)
+        self.launched = 0  # buckets go out in index order on every rank, as collectives must
+
+    def _launch_ready(self):
+        while self.launched < len(self.buckets) and self.pending[self.launched] == 0:
+            self.works[self.launched] = dist.all_reduce(self.flat[self.launched], async_op=True)
+            self.launched += 1
+
+    def _ready(self, p):
+        i, offset = self.bucket_of[p], self.offsets[p]
+        self.flat[i][offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+        self.pending[i] -= 1
+        self._launch_ready()
+
+    def finish(self):
+        """Wait for every bucket (zeros for parameters that got no gradient) and leave the averaged
+        gradients in `.grad`."""
+        for i, b in enumerate(self.buckets):
+            if self.pending[i]:
+                for p in b:
+                    if p.grad is None:
+                        self.flat[i][self.offsets[p]:self.offsets[p] + p.numel()].zero_()
+                self.pending[i] = 0
+        self._launch_ready()
+        for i, b in enumerate(self.buckets):
+            self.works[i].wait()
+            self.flat[i].div_(self.ctx.world_size)
+            for p in b:
+                if p.grad is not None:
+                    p.grad.copy_(self.flat[i][self.offsets[p]:self.offsets[p] + p.numel()].view_as(p.grad))
+        self.reset()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def average_step(module, scalars, ctx, reducer=None):
+    """Average gradients (unless `reducer`, an OverlappedGradientReducer, has them on the way), BatchNorm
+    running statistics and `scalars` (a dict of 0-d tensors) across ranks.
 
     Returns the averaged scalars as Python floats (this is the step's one synchronisation).
     """
     names = sorted(scalars)
     dtype = next(module.parameters()).dtype  # float32, or float64 with --precision fp64
     values = torch.stack([scalars[n].to(dtype).reshape(()) for n in names]) if names else None
+    if ctx.distributed and reducer is not None:
+        reducer.finish()
     if ctx.distributed:
-        params = [p for p in module.parameters() if p.grad is not None]
+        params = [p for p in module.parameters() if p.grad is not None] if reducer is None else []
         buffers = running_stat_buffers(module)
         tensors = [p.grad for p in params] + buffers + ([values] if values is not None else [])
         flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])

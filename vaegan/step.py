@@ -142,11 +142,20 @@ def compute_gradients(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast
 
     x: images (B, C, H, W) in [-1, 1]; z_prior: (B, latent) prior codes; attributes: (B, A) for a
     conditional model (the prior samples take the batch's own attributes), else None; the reparameterisation
-    noise is Philox at noise_seed, rows offset by row_offset (a rank's place in the global batch).
-    Returns the step's losses and the equilibrium costs, detached (no device synchronisation here).
+    noise is Philox at noise_seed (an int or a one-element tensor), rows offset by row_offset (a rank's
+    place in the global batch). Returns the step's losses and the equilibrium costs, detached (no
+    device synchronisation here).
     """
     for p in model.parameters():
         p.grad = None
+    total, stats = routed_losses(model, x, z_prior, cfg, noise_seed, row_offset, autocast_dtype, attributes)
+    total.backward()
+    return stats
+
+
+def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dtype=None, attributes=None):
+    """The forward half of `compute_gradients`: (the routed total whose one backward pass gives every
+    network its own gradient, the detached stats). torch.compile compiles this (vaegan/fast.py)."""
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
     batch, y = x.shape[0], attributes
     kl = llike = dis_loss = gen_loss = real_cost = fake_cost = pixel_error = None
@@ -188,9 +197,8 @@ def compute_gradients(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast
                     frozen_real, frozen_fake = _split(frozen(dis, torch.cat([x, fakes]), _cat(y, y_fakes)), batch)
                     gen_loss = _gan_terms(cfg, frozen_real.detach(), frozen_fake)[1]
                     total = total + gen_loss
-    total.backward()
-    return _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost, fake_cost=fake_cost,
-                  pixel_error=pixel_error)
+    return total, _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost,
+                         fake_cost=fake_cost, pixel_error=pixel_error)
 
 
 def network_losses(model, x, eps, z_prior, cfg, attributes=None):

@@ -15,7 +15,8 @@ from .data import DataError, StepBatchSampler, build_dataset, make_loader
 from .data.dali import DaliLoader
 from .images import interleave, save_grid
 from .models import CONDITIONAL_KINDS, VAEGAN, base_kind
-from .step import StepConfig, compute_gradients, equilibrium_decisions
+from .fast import FastOptions, TrainStep, check_fast_options, make_optimizer, resolve_optimizer_impl, set_learning_rate
+from .step import StepConfig, equilibrium_decisions
 
 GRID_IMAGES = 32
 LOSS_NAMES = ("kl", "llike", "dis_loss", "gen_loss", "real_cost", "fake_cost", "pixel_error")
@@ -45,17 +46,14 @@ def build_model(cfg):
     return model
 
 
-def build_optimizers(model, cfg):
+def build_optimizers(model, cfg, impl="for-loop", tensor_lr=False):
     """One optimizer per network; coupled L2 weight decay on conv/linear weights only."""
     optimizers = {}
     for name, net in model.networks().items():
         decay = [p for p in net.parameters() if p.dim() > 1]
         no_decay = [p for p in net.parameters() if p.dim() <= 1]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if cfg.optimizer == "rmsprop":
-            optimizers[name] = torch.optim.RMSprop(groups, lr=cfg.lr, alpha=0.9, eps=1e-8)
-        else:
-            optimizers[name] = torch.optim.Adam(groups, lr=cfg.lr, betas=(0.5, 0.999))
+        optimizers[name] = make_optimizer(cfg.optimizer, impl, groups, cfg.lr, tensor_lr)
     return optimizers
 
 
@@ -202,19 +200,29 @@ def run(cfg, ctx, device, saved):
     if attribute_names:
         cfg = replace(cfg, attributes=",".join(attribute_names))
     param_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
+    channels_last = cfg.memory_format == "channels-last" or (cfg.memory_format == "auto" and device.type == "cuda")
+    fast_options = FastOptions(cfg.compile, cfg.cuda_graphs, channels_last, cfg.compile_backend)
+    check_fast_options(fast_options, device.type)
+    optimizer_impl, optimizer_reason = resolve_optimizer_impl(cfg.optimizer_impl, cfg.optimizer, device.type)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
     model = build_model(cfg).to(device, param_dtype)
-    optimizers = build_optimizers(model, cfg)
+    optimizers = build_optimizers(model, cfg, optimizer_impl, tensor_lr=cfg.compile)
     start_step, skips, unreadable = 0, {"decoder": 0, "discriminator": 0}, set()
     if saved is not None:
         model.load_state_dict(saved["model"])
         for name, opt in optimizers.items():
             opt.load_state_dict(saved["optimizers"][name])
+        set_learning_rate(optimizers, cfg.lr)  # the saved groups' lr may be a float or a tensor
         start_step, skips, unreadable = saved["step"], dict(saved["skips"]), set(saved["unreadable"])
         torch.set_rng_state(saved["torch_rng"])
     distributed.broadcast_state(model, ctx)
     kernel_set, kernel_reason = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
     scfg = step_config(cfg, kernel_set)
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    train_step = TrainStep(model, optimizers, scfg, autocast_dtype, fast_options)
+    reducer = (distributed.OverlappedGradientReducer(model, ctx)
+               if ctx.distributed and cfg.overlap_allreduce else None)
     global_batch = cfg.batch_size * ctx.world_size
     loader_kind, loader_reason = resolve_loader(cfg.loader, device, dataset)
     if loader_kind == "dali":
@@ -247,6 +255,9 @@ def run(cfg, ctx, device, saved):
     log(ctx, f"vaegan: device {device}, precision {cfg.precision}, loader {loader_kind} ({loader_reason}), "
              f"kernels {kernel_set} ({kernel_reason}), {ctx.world_size} process(es) x batch {cfg.batch_size}, "
              f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
+    log(ctx, f"vaegan: step {fast_options.describe()}, optimizers {optimizer_impl} ({optimizer_reason})"
+             + (f", gradients averaged {'in buckets during the backward pass' if reducer else 'after the backward pass'}"
+                if ctx.distributed else ""))
     log(ctx, f"vaegan: {cfg.optimizer} lr {cfg.lr:g}, gamma {cfg.gamma:g}, decoder GAN loss {cfg.decoder_gan_loss}"
              f"{', equilibrium rule' if cfg.equilibrium else ''}; every value used is in config.json")
     log(ctx, f"vaegan: {'resuming at' if saved else 'starting at'} step {start_step} of {cfg.steps}; run directory {cfg.out}")
@@ -304,11 +315,10 @@ def run(cfg, ctx, device, saved):
             x = images.to(device, param_dtype, non_blocking=True)
             noise_seed, z_prior = step_noise(cfg.seed, step, global_batch, cfg.latent_size, ctx.rank, cfg.batch_size)
             y = attributes[:, attribute_columns].to(device, param_dtype) if attribute_names else None
-            stats = compute_gradients(model, x, z_prior.to(device, param_dtype), scfg, noise_seed, ctx.rank * cfg.batch_size,
-                                      autocast_dtype, y)
+            stats = train_step.gradients(x, z_prior.to(device, param_dtype), noise_seed, ctx.rank * cfg.batch_size, y)
             if ctx.distributed:  # every rank must stop after the same step
                 stats["stop"] = torch.tensor(float(stop.requested), device=device)
-            stats = distributed.average_step(model, stats, ctx)
+            stats = distributed.average_step(model, stats, ctx, reducer)
             bad = [n for n in LOSS_NAMES if n in stats and stats[n] != stats[n]]
             if bad or any(abs(stats[n]) == float("inf") for n in LOSS_NAMES if n in stats):
                 raise FloatingPointError(f"step {step}: loss became non-finite "
@@ -318,10 +328,9 @@ def run(cfg, ctx, device, saved):
             if "real_cost" in stats:
                 update["decoder"], update["discriminator"] = equilibrium_decisions(scfg, stats["real_cost"],
                                                                                    stats["fake_cost"])
-            for name, opt in optimizers.items():
-                if update[name]:
-                    opt.step()
-                else:
+            train_step.apply(update)
+            for name in optimizers:
+                if not update[name]:
                     skips[name] += 1
                     interval_skips[name] += 1
             step += 1

@@ -1,0 +1,169 @@
+"""The fast step (vaegan/fast.py): every mode gives the reference's gradients and the eager optimizers' steps."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import run_train, SMALL
+from kernels import philox
+from test_step import NOISE_SEED, assert_same_grads, grads, make
+from vaegan import distributed
+from vaegan.config import ConfigError
+from vaegan.distributed import Context, OverlappedGradientReducer
+from vaegan.fast import (FastOptions, TrainStep, check_fast_options, make_optimizer, resolve_optimizer_impl,
+                         set_learning_rate)
+from vaegan.step import StepConfig, compute_gradients, compute_gradients_reference
+
+ALL = {"encoder": True, "decoder": True, "discriminator": True}
+
+
+def optimizers(model, impl="foreach", tensor_lr=False, kind="rmsprop", lr=1e-3):
+    return {n: make_optimizer(kind, impl, [{"params": list(net.parameters()), "weight_decay": 1e-5}], lr, tensor_lr)
+            for n, net in model.networks().items()}
+
+
+def reference_grads(model, x, z_prior, cfg, seed, attributes=None):
+    eps = philox.rows_randn(seed, x.shape[0], z_prior.shape[1]).to(x.dtype)
+    compute_gradients_reference(model, x, eps, z_prior, cfg, attributes)
+    return grads(model)
+
+
+def test_compiled_step_with_inductor_gives_the_reference_gradients():
+    # Real code generation (inductor's C++ backend on a CPU): the routed backward survives compilation.
+    model, x, _, z_prior = make("vaegan", seed=21, dtype=torch.float32)
+    cfg = StepConfig(gamma=1e-3)
+    step = TrainStep(model, optimizers(model, tensor_lr=True), cfg, None, FastOptions(compile=True, channels_last=True))
+    for seed in (NOISE_SEED, NOISE_SEED + 1):  # a new seed every step: data, not a recompile
+        step.gradients(x, z_prior, seed)
+        assert_same_grads(grads(model), reference_grads(model, x, z_prior, cfg, seed), rtol=1e-4)
+
+
+MODES = [FastOptions(channels_last=True), FastOptions(compile=True, backend="aot_eager"),
+         FastOptions(compile=True, backend="aot_eager", channels_last=True)]
+VARIANTS = [("vaegan", {}), ("vaegan", dict(saturating=False, dis_sees_recon=True)), ("vae", {}), ("gan", {}),
+            ("vae-disl", {}), ("cvaegan", {})]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.describe().replace(" ", ""))
+@pytest.mark.parametrize("kind,variant", VARIANTS, ids=lambda v: str(v) if isinstance(v, str) else
+                         "-".join(f"{k}={v[k]}" for k in v) or "default")
+def test_every_mode_gives_the_reference_gradients(mode, kind, variant):
+    names = ["A", "B"] if kind.startswith("c") else ()
+    model, x, _, z_prior = make(kind, seed=len(kind), attribute_names=names)
+    attributes = (torch.rand(x.shape[0], 2) < 0.5).double() * 2 - 1 if names else None
+    cfg = StepConfig(kind=kind.removeprefix("c") if names else kind, gamma=1e-3, **variant)
+    step = TrainStep(model, optimizers(model, tensor_lr=mode.compile), cfg, None, mode)
+    step.gradients(x, z_prior, NOISE_SEED, attributes=attributes)
+    assert_same_grads(grads(model), reference_grads(model, x, z_prior, cfg, NOISE_SEED, attributes), rtol=1e-9)
+
+
+def test_the_fused_kernels_route_exactly_when_compiled():
+    if not torch.cuda.is_available():
+        # Under the interpreter the kernels are Python functions that dynamo cannot trace; the
+        # traced graph is checked in tests/test_kernels.py and this test runs compiled on a GPU.
+        pytest.skip("needs a GPU: Triton kernels compile only there")
+    model, x, _, z_prior = (t.cuda() for t in make("vaegan", seed=4, dtype=torch.float32))
+    cfg = StepConfig(gamma=1e-3, kernels="triton")
+    step = TrainStep(model, optimizers(model, tensor_lr=True), cfg, None, FastOptions(compile=True, channels_last=True))
+    for seed in (1, 2):
+        step.gradients(x, z_prior, seed)
+        assert_same_grads(grads(model), reference_grads(model, x, z_prior, cfg, seed), rtol=1e-3)
+
+
+def test_compiled_optimizer_steps_follow_eager_and_a_new_learning_rate_does_not_recompile():
+    torch._dynamo.reset()
+    # float64: RMSProp's first steps are nearly sign(gradient) * lr, which float32 rounding of a
+    # near-zero gradient can flip (see tests/test_ddp.py)
+    eager_model, x, _, z_prior = make("vaegan", seed=8)
+    fast_model, _, _, _ = make("vaegan", seed=8)
+    cfg = StepConfig(gamma=1e-3)
+    eager = TrainStep(eager_model, optimizers(eager_model, "for-loop"), cfg, None, FastOptions())
+    fast = TrainStep(fast_model, optimizers(fast_model, "foreach", tensor_lr=True), cfg, None,
+                     FastOptions(compile=True, backend="aot_eager"))
+    graphs = None
+    for i, lr in enumerate((1e-3, 1e-3, 5e-4, 2e-4)):
+        set_learning_rate(eager.optimizers, lr)
+        set_learning_rate(fast.optimizers, lr)
+        update = {**ALL, "decoder": i != 1}  # a skipped decoder update, as the equilibrium rule makes
+        for step in (eager, fast):
+            step.gradients(x, z_prior, NOISE_SEED + i)
+            step.apply(update)
+        if i == 1:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the lr changes recompiled nothing
+    start, _, _, _ = make("vaegan", seed=8)
+    for (name, p), q, p0 in zip(eager_model.named_parameters(), fast_model.parameters(), start.parameters()):
+        moved = (p - p0).norm()
+        # the tensor learning rate is a float32 (1e-3 in float32 is 1e-3 * (1 + 5e-8)): not 1e-9
+        assert moved > 0 and (q - p).norm() <= 1e-6 * moved, name
+
+
+@pytest.mark.parametrize("kind,impls", [("rmsprop", ("for-loop", "foreach")), ("adam", ("for-loop", "foreach", "fused"))])
+def test_optimizer_implementations_agree(kind, impls):
+    results = []
+    start = [p.detach().clone() for p in make("vaegan", seed=9)[0].parameters()]
+    for impl in impls:
+        model, x, _, z_prior = make("vaegan", seed=9)  # float64: no sign flips of near-zero gradients
+        step = TrainStep(model, optimizers(model, impl, kind=kind), StepConfig(gamma=1e-3), None, FastOptions())
+        for i in range(3):
+            step.gradients(x, z_prior, i)
+            step.apply(ALL)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        for p, q, p0 in zip(results[0], other, start):
+            moved = (p - p0).norm()
+            assert moved > 0 and (q - p).norm() <= 1e-9 * moved
+
+
+def test_fast_options_refuse_what_cannot_run():
+    assert resolve_optimizer_impl("auto", "rmsprop", "cuda")[0] == "foreach"
+    assert resolve_optimizer_impl("auto", "adam", "cuda")[0] == "fused"
+    assert resolve_optimizer_impl("auto", "adam", "cpu")[0] == "foreach"
+    with pytest.raises(ConfigError, match="torch has no fused rmsprop"):
+        resolve_optimizer_impl("fused", "rmsprop", "cuda")
+    with pytest.raises(ConfigError, match="apex's FusedAdam is an Adam"):
+        resolve_optimizer_impl("apex", "rmsprop", "cuda")
+    with pytest.raises(ConfigError, match="runs on CUDA only"):
+        resolve_optimizer_impl("apex", "adam", "cpu")
+    try:
+        import apex.optimizers  # noqa: F401  (only if someone built NVIDIA apex here)
+    except ImportError:
+        with pytest.raises(ConfigError, match="PyPI package named apex is an unrelated web toolkit"):
+            resolve_optimizer_impl("apex", "adam", "cuda")
+    with pytest.raises(ConfigError, match="add --compile"):
+        check_fast_options(FastOptions(cuda_graphs=True), "cuda")
+    with pytest.raises(ConfigError, match="--cuda-graphs needs CUDA"):
+        check_fast_options(FastOptions(compile=True, cuda_graphs=True), "cpu")
+
+
+def test_overlapped_reducer_fills_its_buckets_in_order_and_leaves_the_gradients(tmp_path):
+    # One gloo rank (the all-reduce is the identity): the hooks, the buckets and their order.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, x, _, z_prior = make("vaegan", seed=13)
+        cfg = StepConfig(gamma=1e-3)
+        compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
+        want = grads(model)
+        reducer = OverlappedGradientReducer(model, Context(0, 2), bucket_bytes=200_000)
+        assert len(reducer.buckets) > 3
+        compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
+        assert reducer.launched > 0 and all(reducer.works[:reducer.launched])  # started during the backward
+        reducer.finish()
+        got = grads(model)
+        for name in want:  # world size 2 on one rank: the average halves the sum
+            assert torch.allclose(got[name], want[name] / 2, rtol=1e-12), name
+        assert reducer.launched == 0 and reducer.pending == [len(b) for b in reducer.buckets]
+        reducer.remove()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_with_compile_logs_the_mode(tmp_path):
+    done = run_train(SMALL + ["--steps", "3", "--compile", "--compile-backend", "aot_eager", "--log-every", "1",
+                              "--out", str(tmp_path / "run")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step torch.compile (aot_eager), contiguous, optimizers foreach (default (torch has no fused RMSprop))" \
+        in done.stderr
+    done = run_train(SMALL + ["--steps", "1", "--cuda-graphs", "--compile", "--out", str(tmp_path / "x")])
+    assert done.returncode == 2 and "--cuda-graphs needs CUDA" in done.stderr

@@ -1,0 +1,139 @@
+"""The fast training step: the optimizers' implementation, channels-last, torch.compile, CUDA graphs.
+
+Every mode computes what the eager step computes (vaegan/step.py: one forward, one routed backward),
+and the tests hold each to the slow reference. How the known pitfalls are avoided:
+  * one backward pass, no `retain_graph`: nothing for AOTAutograd's donated buffers to trip over;
+  * no `requires_grad` toggling between phases: the discriminator is frozen by detaching its
+    parameters inside the forward (`step.frozen`), so one graph serves every step;
+  * the reparameterisation seed is a device tensor and the learning rate a tensor: a new seed or
+    a new learning rate is new data, neither a recompile nor a new CUDA graph;
+  * BatchNorm buffers are updated inside the compiled forward and averaged across ranks after the
+    backward, in the same all-reduce as the equilibrium costs (vaegan/distributed.py).
+The equilibrium rule decides on the host which optimizers step (one small device-to-host copy per
+step, which the loss check needs anyway); each optimizer step is compiled on its own.
+"""
+import importlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError
+from .step import routed_losses
+
+OPTIMIZER_IMPLS = ("auto", "for-loop", "foreach", "fused", "apex")
+
+
+@dataclass
+class FastOptions:
+    compile: bool = False        # torch.compile the forward (with its routed backward) and each optimizer step
+    cuda_graphs: bool = False    # with compile: mode "reduce-overhead" (inductor's CUDA graphs)
+    channels_last: bool = False
+    backend: str = "inductor"    # the tests use "aot_eager" on CPUs (dynamo + AOTAutograd, no code generation)
+
+    def describe(self):
+        if not self.compile:
+            mode = "eager"
+        else:
+            mode = f"torch.compile ({self.backend}{', CUDA graphs' if self.cuda_graphs else ''})"
+        return f"{mode}, {'channels-last' if self.channels_last else 'contiguous'}"
+
+
+def apex_fused_adam():
+    """NVIDIA apex's FusedAdam if the user has built apex; else the reason it is not there."""
+    try:
+        module = importlib.import_module("apex.optimizers")
+        return module.FusedAdam, None
+    except ImportError:
+        return None, ("NVIDIA apex is not installed (it is not on PyPI, and the PyPI package named apex is an "
+                      "unrelated web toolkit); build it from github.com/NVIDIA/apex, or use --optimizer-impl fused")
+
+
+def resolve_optimizer_impl(choice, optimizer, device_type):
+    """("for-loop" | "foreach" | "fused" | "apex", why): an explicit choice that cannot run is an error."""
+    if choice == "auto":
+        if optimizer == "adam" and device_type == "cuda":
+            return "fused", "default for adam on CUDA"
+        return "foreach", "default" + (" (torch has no fused RMSprop)" if optimizer == "rmsprop" else "")
+    if choice == "fused" and optimizer != "adam":
+        raise ConfigError(f"--optimizer-impl fused: torch has no fused {optimizer}; use foreach (the default)")
+    if choice == "apex":
+        if optimizer != "adam":
+            raise ConfigError(f"--optimizer-impl apex: apex's FusedAdam is an Adam; --optimizer is {optimizer}")
+        if device_type != "cuda":
+            raise ConfigError("--optimizer-impl apex: apex's FusedAdam runs on CUDA only")
+        if apex_fused_adam()[1]:
+            raise ConfigError(f"--optimizer-impl apex: {apex_fused_adam()[1]}")
+    return choice, "requested"
+
+
+def make_optimizer(kind, impl, groups, lr, tensor_lr):
+    """RMSprop (alpha 0.9, eps 1e-8) or Adam (betas 0.5, 0.999) with coupled L2 decay, in `impl`.
+
+    tensor_lr: the learning rate as a tensor, so that a compiled step does not recompile when it changes."""
+    lr_value = torch.tensor(lr) if tensor_lr else lr
+    flags = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr_value, alpha=0.9, eps=1e-8, **flags)
+    if impl == "apex":
+        fused_adam, _ = apex_fused_adam()
+        return fused_adam(groups, lr=lr, betas=(0.5, 0.999), adam_w_mode=False)  # coupled L2, as torch's Adam
+    if tensor_lr and impl == "foreach":
+        flags["capturable"] = True  # torch's foreach Adam takes a tensor learning rate only when capturable
+    return torch.optim.Adam(groups, lr=lr_value, betas=(0.5, 0.999), **flags)
+
+
+def set_learning_rate(optimizers, lr):
+    """Change every optimizer's learning rate in place (a tensor learning rate keeps its tensor: no recompile)."""
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+
+def check_fast_options(options, device_type):
+    if options.cuda_graphs and not options.compile:
+        raise ConfigError("--cuda-graphs captures the compiled step: add --compile")
+    if options.cuda_graphs and device_type != "cuda":
+        raise ConfigError("--cuda-graphs needs CUDA; this run is on the CPU")
+
+
+class TrainStep:
+    """gradients(...) then apply(update): the step in the mode `options` chooses."""
+
+    def __init__(self, model, optimizers, scfg, autocast_dtype, options):
+        self.model, self.optimizers, self.scfg, self.autocast_dtype = model, optimizers, scfg, autocast_dtype
+        self.options = options
+        self.forward = routed_losses
+        self.optimizer_steps = {name: opt.step for name, opt in optimizers.items()}
+        if options.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if options.compile:
+            mode = "reduce-overhead" if options.cuda_graphs else None
+            self.forward = torch.compile(routed_losses, backend=options.backend, mode=mode)
+            self.optimizer_steps = {name: torch.compile(opt.step, backend=options.backend, mode=mode)
+                                    for name, opt in optimizers.items()}
+            logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+
+    def gradients(self, x, z_prior, noise_seed, row_offset=0, attributes=None):
+        """Each network's own gradient in `.grad`; returns the detached stats (no synchronisation)."""
+        if self.options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.options.compile:
+            if not isinstance(noise_seed, torch.Tensor):
+                noise_seed = torch.tensor([noise_seed], dtype=torch.int64)
+            noise_seed = noise_seed.to(x.device, non_blocking=True)
+        for p in self.model.parameters():
+            p.grad = None
+        total, stats = self.forward(self.model, x, z_prior, self.scfg, noise_seed, row_offset, self.autocast_dtype,
+                                    attributes)
+        total.backward()
+        return stats
+
+    def apply(self, update):
+        """Step the optimizers of the networks `update` names True."""
+        for name, step in self.optimizer_steps.items():
+            if update[name]:
+                step()
