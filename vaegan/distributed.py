@@ -1,11 +1,12 @@
 """Data-parallel training across processes started by torchrun (NCCL on GPUs, gloo on CPU).
 
-Gradients are averaged with one flat all-reduce per step rather than by wrapping each network
-in DistributedDataParallel: the split update calls the decoder and the discriminator several
+Gradients are averaged by our own reducer rather than by wrapping each network in
+DistributedDataParallel: the split update calls the decoder and the discriminator several
 times per backward pass (and once with detached parameters), which DDP's reducer does not
-model. The same all-reduce carries the equilibrium costs (so every rank takes the same skip
-decisions), the stop request of a rank that received SIGTERM, and the BatchNorm running
-statistics.
+model. OverlappedGradientReducer starts bucketed all-reduces during the backward pass (or,
+without it, average_step does one flat all-reduce after it); a small all-reduce after the
+backward carries the equilibrium costs (so every rank takes the same skip decisions), the stop
+request of a rank that received SIGTERM, and the BatchNorm running statistics.
 
 BatchNorm: by default each rank normalises with the statistics of its own batch (as the
 paper's single-GPU batch of 64 did) and the running statistics are averaged across ranks

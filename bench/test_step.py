@@ -1,0 +1,135 @@
+"""The whole training step in images per second: the port-style baseline, our eager step, our fastest step.
+
+One run measures all three, so every speed-up is against a baseline timed in the same run.
+Reported in extra_info: img_per_s, speedup_vs_baseline, mfu (FLOPs of our routed step, counted by
+torch's FlopCounterMode, per second, over the device's dense bf16 peak), the FLOPs each mode
+actually performs, and peak_memory_bytes. Targets on one H100 (issue 6): fastest >= 5x the
+baseline at batch 64, >= 10,000 img/s at the best batch.
+On a machine without CUDA the tests run at tiny sizes, only to show that they run and report.
+"""
+import statistics
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from baseline import baseline_step
+from vaegan.fast import FastOptions, TrainStep, make_optimizer
+from vaegan.models import VAEGAN
+from vaegan.step import StepConfig, equilibrium_decisions
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+SIZE, CHANNELS = (64, 3) if CUDA else (32, 1)
+BATCHES = [64, 256, 512] if CUDA else [4]
+REPEATS, WARMUP = (30, 15) if CUDA else (2, 2)  # CUDA-graph trees record on their second warm-up call
+GAMMA = 1e-6
+# Dense bf16 tensor-core peaks (FLOP/s): H100 SXM and H200 989.4 TFLOP/s.
+PEAK = {"H100": 989.4e12, "H200": 989.4e12}
+MODES = ("baseline", "eager", "fastest")
+
+
+def peak_flops():
+    if not CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK.items() if key in name and "PCIe" not in name), None)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def build(mode, batch):
+    """(one training step as a function of nothing, flops counted over one call of it)."""
+    torch.manual_seed(0)
+    model = VAEGAN("vaegan", SIZE, CHANNELS, latent_size=128 if CUDA else 16, fc_width=1024 if CUDA else 64).to(DEVICE)
+    x = (torch.rand(batch, CHANNELS, SIZE, SIZE, device=DEVICE) * 2 - 1)  # random images: never zeros
+    z_prior = torch.randn(batch, model.latent_size, device=DEVICE)
+    impl = "for-loop" if mode == "baseline" else "foreach"
+    optimizers = {n: make_optimizer("rmsprop", impl, list(net.parameters()), 3e-4, tensor_lr=mode == "fastest")
+                  for n, net in model.networks().items()}
+    if mode == "baseline":
+        def step():
+            baseline_step(model, x, z_prior, optimizers, GAMMA)
+        return step, model
+    fastest = mode == "fastest"
+    cfg = StepConfig(gamma=GAMMA, kernels="triton" if CUDA else "torch")
+    options = FastOptions(compile=fastest, cuda_graphs=fastest and CUDA, channels_last=fastest,
+                          backend="inductor" if CUDA else "aot_eager")
+    train_step = TrainStep(model, optimizers, cfg, torch.bfloat16 if fastest else None, options)
+    seeds = iter(range(10 ** 9))
+
+    def step():
+        stats = train_step.gradients(x, z_prior, next(seeds))
+        costs = torch.stack([stats["real_cost"], stats["fake_cost"]]).tolist()  # the step's one synchronisation
+        update_dec, update_dis = equilibrium_decisions(cfg, *costs)
+        train_step.apply({"encoder": True, "decoder": update_dec, "discriminator": update_dis})
+    return step, model
+
+
+def median_seconds(step):
+    for _ in range(WARMUP):
+        step()
+    sync()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def counted_flops(step):
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+_baseline_img_per_s, _routed_flops = {}, {}
+
+
+def baseline_img_per_s(batch):
+    if batch not in _baseline_img_per_s:
+        step, _ = build("baseline", batch)
+        _baseline_img_per_s[batch] = batch / median_seconds(step)
+    return _baseline_img_per_s[batch]
+
+
+def routed_flops_per_image(batch):
+    """The useful work: FLOPs of our eager routed step (one forward, one backward, three optimizer steps)."""
+    if batch not in _routed_flops:
+        step, _ = build("eager", batch)
+        step()  # optimizer state exists before counting
+        _routed_flops[batch] = counted_flops(step) / batch
+    return _routed_flops[batch]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("mode", MODES)
+def test_step_throughput(benchmark, mode, batch):
+    baseline = baseline_img_per_s(batch)
+    useful_flops = routed_flops_per_image(batch)
+    step, model = build(mode, batch)
+    for _ in range(WARMUP):
+        step()
+    sync()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(lambda: (step(), sync()), rounds=REPEATS, iterations=1, warmup_rounds=1)
+    seconds = benchmark.stats.stats.median
+    img_per_s = batch / seconds
+    peak = peak_flops()
+    mode_flops = None if mode == "fastest" else counted_flops(step) / batch  # (compiled code hides its ops)
+    benchmark.extra_info.update({
+        "mode": mode, "batch": batch, "image_size": SIZE, "img_per_s": img_per_s,
+        "baseline_img_per_s": baseline, "speedup_vs_baseline": img_per_s / baseline,
+        "useful_flops_per_image": useful_flops, "mode_flops_per_image": mode_flops,
+        "mfu": useful_flops * img_per_s / peak if peak else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if CUDA else None})
+    assert img_per_s > 0 and benchmark.extra_info["speedup_vs_baseline"] > 0
+    assert useful_flops > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
