@@ -125,6 +125,8 @@ class TrainStep:
             if not isinstance(noise_seed, torch.Tensor):
                 noise_seed = torch.tensor([noise_seed], dtype=torch.int64)
             noise_seed = noise_seed.to(x.device, non_blocking=True)
+        if self.options.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are dead
         for p in self.model.parameters():
             p.grad = None
         total, stats = self.forward(self.model, x, z_prior, self.scfg, noise_seed, row_offset, self.autocast_dtype,
