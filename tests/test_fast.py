@@ -167,3 +167,5 @@ def test_train_with_compile_logs_the_mode(tmp_path):
         in done.stderr
     done = run_train(SMALL + ["--steps", "1", "--cuda-graphs", "--compile", "--out", str(tmp_path / "x")])
     assert done.returncode == 2 and "--cuda-graphs needs CUDA" in done.stderr
+    done = run_train(SMALL + ["--steps", "1", "--compile", "--kernels", "triton", "--out", str(tmp_path / "y")])
+    assert done.returncode == 2 and "--compile with --kernels triton needs CUDA" in done.stderr

@@ -218,6 +218,9 @@ def run(cfg, ctx, device, saved):
         torch.set_rng_state(saved["torch_rng"])
     distributed.broadcast_state(model, ctx)
     kernel_set, kernel_reason = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
+    if cfg.compile and kernel_set == "triton" and device.type != "cuda":
+        raise ConfigError("--compile with --kernels triton needs CUDA (Triton's interpreter cannot be compiled); "
+                          "use --kernels torch on the CPU")
     scfg = step_config(cfg, kernel_set)
     autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     train_step = TrainStep(model, optimizers, scfg, autocast_dtype, fast_options)
