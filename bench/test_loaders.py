@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from datagen import make_celeba  # noqa: E402
 from vaegan.data import StepBatchSampler, build_dataset, make_loader  # noqa: E402
-from vaegan.data.dali import DaliLoader  # noqa: E402
+from vaegan.data.dali import DaliLoader, dali_unavailable_reason  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 IMAGES = 4096 if CUDA else 48
@@ -67,6 +67,7 @@ def test_pil_loader(benchmark, celeba_like, workers):
     assert rate > 0
 
 
+@pytest.mark.skipif(dali_unavailable_reason() is not None, reason=str(dali_unavailable_reason()))
 def test_dali_loader(benchmark, celeba_like):
     baseline = images_per_second(pil(celeba_like, WORKERS[-1]), steps_of(celeba_like))
     rate = benchmark.pedantic(lambda: images_per_second(dali(celeba_like), steps_of(celeba_like)),

@@ -6,15 +6,18 @@ gan_loss(logits_real, logits_fake, real_weight, fake_weight) returns four 0-d fl
   real_cost = mean(-log(Dis(x) + 1e-3)), fake_cost = mean(-log(1 - Dis(fake) + 1e-3))
 (the last two are the authors' equilibrium statistics: no gradient). They stay on the device:
 the step reads them once, in its one synchronisation. The minimax decoder term is -dis_loss.
+Forward: one block of logits per program, five partial sums each, added up in a fixed order
+afterwards (deterministic: no atomics; no loop over a runtime bound).
 """
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from vaegan import losses
 
 from .checks import check_batch
+from .launch import launcher
 
 BLOCK = 1024
 LOG_EPS = 1e-3
@@ -27,31 +30,24 @@ def _softplus(x):
 
 
 @triton.jit
-def _gan_loss_forward(real_ptr, fake_ptr, out_ptr, n_real, n_fake, real_weight, fake_weight,
-                      BLOCK: tl.constexpr, LOG_EPS: tl.constexpr):
-    real_loss = tl.zeros([BLOCK], dtype=tl.float32)
-    real_cost = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_real, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        mask = i < n_real
-        x = tl.load(real_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        real_loss += tl.where(mask, _softplus(-x), 0.0)
-        real_cost += tl.where(mask, -tl.log(tl.sigmoid(x) + LOG_EPS), 0.0)
-    fake_loss = tl.zeros([BLOCK], dtype=tl.float32)
-    gen_loss = tl.zeros([BLOCK], dtype=tl.float32)
-    fake_cost = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_fake, BLOCK):
-        i = start + tl.arange(0, BLOCK)
-        mask = i < n_fake
-        x = tl.load(fake_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        fake_loss += tl.where(mask, _softplus(x), 0.0)
-        gen_loss += tl.where(mask, _softplus(-x), 0.0)
-        fake_cost += tl.where(mask, -tl.log(tl.sigmoid(-x) + LOG_EPS), 0.0)
-    tl.store(out_ptr + 0, real_weight * tl.sum(real_loss, axis=0) / n_real
-             + fake_weight * tl.sum(fake_loss, axis=0) / n_fake)
-    tl.store(out_ptr + 1, fake_weight * tl.sum(gen_loss, axis=0) / n_fake)
-    tl.store(out_ptr + 2, tl.sum(real_cost, axis=0) / n_real)
-    tl.store(out_ptr + 3, tl.sum(fake_cost, axis=0) / n_fake)
+def _gan_loss_forward(real_ptr, fake_ptr, partial_ptr, n_real, n_fake, BLOCK: tl.constexpr, LOG_EPS: tl.constexpr):
+    # one block of logits per program; five partial sums each, added up in a fixed order afterwards
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n_real
+    x = tl.load(real_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    real_loss = tl.sum(tl.where(mask, _softplus(-x), 0.0), axis=0)
+    real_cost = tl.sum(tl.where(mask, -tl.log(tl.sigmoid(x) + LOG_EPS), 0.0), axis=0)
+    mask = i < n_fake
+    x = tl.load(fake_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    fake_loss = tl.sum(tl.where(mask, _softplus(x), 0.0), axis=0)
+    gen_loss = tl.sum(tl.where(mask, _softplus(-x), 0.0), axis=0)
+    fake_cost = tl.sum(tl.where(mask, -tl.log(tl.sigmoid(-x) + LOG_EPS), 0.0), axis=0)
+    out = partial_ptr + tl.program_id(0) * 5
+    tl.store(out + 0, real_loss)
+    tl.store(out + 1, fake_loss)
+    tl.store(out + 2, gen_loss)
+    tl.store(out + 3, real_cost)
+    tl.store(out + 4, fake_cost)
 
 
 @triton.jit
@@ -74,10 +70,14 @@ def _gan_loss_backward(real_ptr, fake_ptr, grad_ptr, grad_real_ptr, grad_fake_pt
 @triton_op("vaegan::gan_loss_forward", mutates_args={})
 def _forward(logits_real: torch.Tensor, logits_fake: torch.Tensor, real_weight: float,
              fake_weight: float) -> torch.Tensor:
-    out = torch.empty(4, device=logits_real.device, dtype=torch.float32)
-    wrap_triton(_gan_loss_forward)[(1,)](logits_real, logits_fake, out, logits_real.numel(), logits_fake.numel(),
-                                         real_weight, fake_weight, BLOCK=BLOCK, LOG_EPS=LOG_EPS)
-    return out
+    n_real, n_fake = logits_real.numel(), logits_fake.numel()
+    blocks = triton.cdiv(max(n_real, n_fake), BLOCK)
+    partial = torch.empty(blocks, 5, device=logits_real.device, dtype=torch.float32)
+    launcher(_gan_loss_forward)[(blocks,)](logits_real, logits_fake, partial, n_real, n_fake, BLOCK=BLOCK,
+                                           LOG_EPS=LOG_EPS)
+    real_loss, fake_loss, gen_loss, real_cost, fake_cost = partial.sum(dim=0).unbind()
+    return torch.stack([real_weight / n_real * real_loss + fake_weight / n_fake * fake_loss,
+                        fake_weight / n_fake * gen_loss, real_cost / n_real, fake_cost / n_fake])
 
 
 @triton_op("vaegan::gan_loss_backward", mutates_args={})
@@ -87,7 +87,7 @@ def _backward(logits_real: torch.Tensor, logits_fake: torch.Tensor, grad: torch.
     grad_fake = torch.empty_like(logits_fake)
     n_real, n_fake = logits_real.numel(), logits_fake.numel()
     grid = (triton.cdiv(max(n_real, n_fake), BLOCK),)
-    wrap_triton(_gan_loss_backward)[grid](logits_real, logits_fake, grad, grad_real, grad_fake, n_real, n_fake,
+    launcher(_gan_loss_backward)[grid](logits_real, logits_fake, grad, grad_real, grad_fake, n_real, n_fake,
                                           real_weight, fake_weight, BLOCK=BLOCK)
     return grad_real, grad_fake
 

@@ -7,11 +7,12 @@ grad_fake = grad[row] * (fake - real). The real features are a target: no gradie
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from vaegan import losses
 
 from .checks import check_batch
+from .launch import launcher
 
 BLOCK = 1024
 CHUNK_BLOCKS = 4  # each forward program sums BLOCK * CHUNK_BLOCKS features of one row
@@ -50,7 +51,7 @@ def _forward(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     rows, features = fake.shape
     chunks = triton.cdiv(features, BLOCK * CHUNK_BLOCKS)
     partial = torch.empty(rows, chunks, device=fake.device, dtype=torch.float32)
-    wrap_triton(_feature_nll_forward)[(rows, chunks)](fake, real, partial, features, chunks, BLOCK=BLOCK,
+    launcher(_feature_nll_forward)[(rows, chunks)](fake, real, partial, features, chunks, BLOCK=BLOCK,
                                                       CHUNK_BLOCKS=CHUNK_BLOCKS)
     return partial.sum(dim=1)
 
@@ -59,7 +60,7 @@ def _forward(fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 def _backward(fake: torch.Tensor, real: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     rows, features = fake.shape
     grad_fake = torch.empty_like(fake)
-    wrap_triton(_feature_nll_backward)[(rows, triton.cdiv(features, BLOCK))](fake, real, grad, grad_fake, features,
+    launcher(_feature_nll_backward)[(rows, triton.cdiv(features, BLOCK))](fake, real, grad, grad_fake, features,
                                                                              BLOCK=BLOCK)
     return grad_fake
 

@@ -10,12 +10,13 @@ stream (see kernels/philox.py, which computes the same numbers in PyTorch).
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from vaegan import losses
 
 from . import philox
 from .checks import check_matrix
+from .launch import launcher
 
 
 @triton.jit(do_not_specialize=["row_offset"])
@@ -60,7 +61,7 @@ def _forward(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, row_off
     rows, columns = mu.shape
     z = torch.empty_like(mu)
     kl = torch.empty(rows, device=mu.device, dtype=torch.float32)
-    wrap_triton(_reparam_kl_forward)[(rows,)](mu, logvar, z, kl, seed, row_offset, columns,
+    launcher(_reparam_kl_forward)[(rows,)](mu, logvar, z, kl, seed, row_offset, columns,
                                               BLOCK=triton.next_power_of_2(columns))
     return z, kl
 
@@ -71,7 +72,7 @@ def _backward(mu: torch.Tensor, logvar: torch.Tensor, grad_z: torch.Tensor, grad
     rows, columns = mu.shape
     grad_mu = torch.empty_like(mu)
     grad_logvar = torch.empty_like(logvar)
-    wrap_triton(_reparam_kl_backward)[(rows,)](mu, logvar, grad_z, grad_kl, grad_mu, grad_logvar, seed,
+    launcher(_reparam_kl_backward)[(rows,)](mu, logvar, grad_z, grad_kl, grad_mu, grad_logvar, seed,
                                                row_offset, columns, BLOCK=triton.next_power_of_2(columns))
     return grad_mu, grad_logvar
 

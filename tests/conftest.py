@@ -9,6 +9,10 @@ import torch
 # kernel is decorated, i.e. before `kernels.*` is first imported: here, ahead of every test module.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+# Float32 comparisons on a GPU are made without TF32: eager and compiled (channels-last) paths may
+# choose different TF32 convolutions, whose 10-bit mantissas differ by far more than 1e-4.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")
@@ -17,7 +21,10 @@ SMALL = ["--image-size", "32", "--latent-size", "16", "--fc-width", "64", "--bat
 
 
 def run_train(args, timeout=600, **kwargs):
-    """`python train.py ARGS` in a subprocess; returns the CompletedProcess."""
+    """`python train.py ARGS` in a subprocess; returns the CompletedProcess. On the CPU unless ARGS
+    name a --device: these tests hold the command line's behaviour, the same on a GPU machine."""
+    if "--device" not in args:
+        args = [*args, "--device", "cpu"]
     return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, **kwargs)
 

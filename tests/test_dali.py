@@ -9,6 +9,9 @@ from datagen import make_celeba, make_folder
 from vaegan.data import DataError, StepBatchSampler, build_dataset, make_loader
 from vaegan.data.dali import DaliLoader
 
+# CI installs DALI (the [test] extra); a GPU node without it skips these, saying so
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+
 LEVEL = 1 / 127.5  # one grey level in [-1, 1]
 
 
@@ -106,3 +109,44 @@ def test_training_with_the_dali_loader_on_cpu(tmp_path):
     assert "loader dali (CPU operators)" in done.stderr
     done = run_train(SMALL + ["--steps", "1", "--loader", "dali", "--out", str(tmp_path / "faces")])
     assert done.returncode == 2 and "--loader dali: the built-in faces are held in memory" in done.stderr
+
+
+def test_the_pipeline_is_built_once_across_epochs(tmp_path, monkeypatch):
+    import vaegan.data.dali as dali
+    builds = []
+    build = dali._build_pipeline
+    monkeypatch.setattr(dali, "_build_pipeline", lambda *a, **k: builds.append(1) or build(*a, **k))
+    make_celeba(tmp_path, n=16)  # 12 train images: 3 steps of 4 per epoch
+    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    loader = DaliLoader(dataset, 4, 0, 1, seed=3, start_step=2, end_step=11)  # parts of four epochs
+    got = batches(loader)
+    assert len(got) == 9 and len(builds) == 1
+    want = batches(make_loader(dataset, StepBatchSampler(len(dataset), 4, 0, 1, 3, 2, 11), 0))
+    for (a, attrs_a), (b, attrs_b) in zip(got, want):
+        assert torch.equal(attrs_a, attrs_b) and (a - b).abs().mean() < LEVEL
+
+
+def test_loader_auto_falls_back_to_pil_when_the_pipeline_cannot_be_built(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import vaegan.trainer as trainer
+    from vaegan.config import TrainConfig
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("nvJPEG: no decoder for this device\nsecond line")
+    monkeypatch.setattr(trainer, "DaliLoader", broken)
+    make_celeba(tmp_path, n=16)
+    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    ctx = SimpleNamespace(rank=0, world_size=1)
+    cfg = TrainConfig(data=str(tmp_path), batch_size=4, steps=2, workers=0, loader="auto")
+    # the GPU case (auto picks DALI there), decided without touching a GPU
+    loader, sampler, kind, description = trainer.open_loader(cfg, dataset, ctx, torch.device("cpu"), 0)
+    assert kind == "pil"  # auto off CUDA: PIL without trying DALI
+    monkeypatch.setattr(trainer, "resolve_loader", lambda *a: ("dali", "GPU decoding"))
+    loader, sampler, kind, description = trainer.open_loader(cfg, dataset, ctx, torch.device("cpu"), 0)
+    assert kind == "pil" and len(list(loader)) == 2
+    assert description == ("default, as the DALI pipeline could not be built (nvJPEG: no decoder for this device); "
+                           "0 workers")
+    cfg = TrainConfig(data=str(tmp_path), batch_size=4, steps=2, workers=0, loader="dali")
+    with pytest.raises(RuntimeError, match="nvJPEG: no decoder"):  # asked for by name: no fallback
+        trainer.open_loader(cfg, dataset, ctx, torch.device("cpu"), 0)

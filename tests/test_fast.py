@@ -135,6 +135,9 @@ def test_fast_options_refuse_what_cannot_run():
         check_fast_options(FastOptions(cuda_graphs=True), "cuda")
     with pytest.raises(ConfigError, match="--cuda-graphs needs CUDA"):
         check_fast_options(FastOptions(compile=True, cuda_graphs=True), "cpu")
+    with pytest.raises(ConfigError, match="would capture NCCL all-reduces in a CUDA graph"):
+        check_fast_options(FastOptions(compile=True, cuda_graphs=True), "cuda", collectives_in_forward=True)
+    check_fast_options(FastOptions(compile=True), "cuda", collectives_in_forward=True)  # compile alone is fine
 
 
 def test_overlapped_reducer_fills_its_buckets_in_order_and_leaves_the_gradients(tmp_path):

@@ -234,3 +234,54 @@ def test_torch_compile_fullgraph_traces_into_the_kernels():
     assert done.returncode == 0, done.stderr[-3000:]
     for kernel in ("_reparam_kl_forward", "_feature_nll_forward", "_gan_loss_forward"):
         assert f"{kernel} True" in done.stdout, done.stdout
+
+
+# --- the self-check a run makes before relying on the kernels -----------------------------------
+
+def _grad_scaled(t, factor):
+    """t in the forward pass; its gradient times `factor` in the backward pass."""
+    return t * factor - (t * (factor - 1)).detach()
+
+
+def test_self_check_passes_and_names_a_kernel_that_disagrees_or_fails(monkeypatch):
+    from dataclasses import replace
+
+    from kernels import selfcheck
+    assert selfcheck.self_check(torch.device(DEVICE)) is None
+    original = list(selfcheck.OPS)
+    reparam, likelihood, gan = original
+
+    def forward_off(real, fake, rw, fw):  # the generator's term 1% off
+        dis_loss, gen_loss, real_cost, fake_cost = kernels.gan_loss(real, fake, rw, fw)
+        return dis_loss, 1.01 * gen_loss, real_cost, fake_cost
+
+    def backward_off(mu, logvar, seed, row_offset):  # right values, a 1% wrong gradient for logvar
+        return kernels.reparam_kl(mu, _grad_scaled(logvar, 1.01), seed, row_offset)
+
+    def fails(fake, real):
+        raise RuntimeError("PTX was compiled with an unsupported toolchain\nmore detail")
+
+    cases = [(gan, forward_off, "the fused gan_loss disagrees with its reference"),
+             (reparam, backward_off, "the fused reparam_kl disagrees with its reference"),
+             (likelihood, fails, "the fused feature_nll failed to run on")]
+    for op, fused, message in cases:
+        monkeypatch.setattr(selfcheck, "OPS", [replace(o, fused=fused) if o is op else o for o in original])
+        reason = selfcheck.self_check(torch.device(DEVICE))
+        assert reason is not None and message in reason, reason
+    assert "unsupported toolchain" in reason and "more detail" not in reason  # one line
+
+
+def test_a_failed_self_check_falls_back_under_auto_and_stops_an_explicit_request(monkeypatch):
+    from kernels import selfcheck
+    from vaegan.config import ConfigError
+    from vaegan.trainer import resolve_kernels
+    monkeypatch.setattr(kernels, "triton_unavailable_reason", lambda device_type: None)
+    cuda = torch.device("cuda", 0)  # decided without touching a GPU: the check is injected
+    monkeypatch.setattr(selfcheck, "self_check", lambda device: None)
+    assert resolve_kernels("auto", cuda) == ("triton", "default on CUDA, checked against the references")
+    monkeypatch.setattr(selfcheck, "self_check", lambda device: "the fused gan_loss disagrees with its reference")
+    assert resolve_kernels("auto", cuda) == ("torch", "default, as the fused gan_loss disagrees with its reference")
+    with pytest.raises(ConfigError, match="--kernels triton: the fused gan_loss disagrees"):
+        resolve_kernels("triton", cuda)
+    assert resolve_kernels("torch", cuda) == ("torch", "requested")
+    assert resolve_kernels("auto", torch.device("cpu"))[0] == "torch"

@@ -85,6 +85,8 @@ def test_conditional_models_route_exactly_too(variant, kernel_set):
     kind = "c" + variant["kind"]
     model, x, eps, z_prior = make(kind, seed=17, attribute_names=["A", "B", "C"])
     attributes = (torch.rand(x.shape[0], 3) < 0.5).double() * 2 - 1
+    if kernel_set == "triton" and torch.cuda.is_available():  # compiled kernels take GPU tensors
+        model, x, eps, z_prior, attributes = (t.cuda() for t in (model, x, eps, z_prior, attributes))
     cfg = StepConfig(gamma=1e-3, kernels=kernel_set, **variant)
     compute_gradients(model, x, z_prior, cfg, NOISE_SEED, attributes=attributes)
     fast = grads(model)

@@ -214,9 +214,11 @@ def test_short_training_on_real_faces_lowers_feature_and_pixel_errors(tmp_path):
 def test_triton_kernels_train_like_the_reference_losses(tmp_path):
     # Both kernel sets draw the same Philox noise, so the runs differ only by float rounding.
     runs = {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels compiled there, interpreted here
     for kernel_set in ("torch", "triton"):
         out = tmp_path / kernel_set
-        done = run_train(SMALL + ["--steps", "3", "--log-every", "1", "--kernels", kernel_set, "--out", str(out)])
+        done = run_train(SMALL + ["--steps", "3", "--log-every", "1", "--kernels", kernel_set, "--device", device,
+                                  "--out", str(out)])
         assert done.returncode == 0, done.stderr
         assert f"kernels {kernel_set} (" in done.stderr
         runs[kernel_set] = metrics(out)

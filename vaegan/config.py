@@ -16,6 +16,12 @@ REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_RE
                       "gamma": 1e-6}
 
 
+def default_workers():
+    """The CPU cores this process may use, shared among the processes torchrun starts on the node (1..16)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 @dataclass
 class TrainConfig:
     data: str = BUILTIN
@@ -52,7 +58,7 @@ class TrainConfig:
     optimizer_impl: str = "auto"  # fused (adam on CUDA) or foreach
     overlap_allreduce: bool = True
     loader: str = "auto"    # dali on CUDA for image files, pil elsewhere
-    workers: int = None     # default: min(4, the number of CPU cores)
+    workers: int = None     # default: default_workers()
     out: str = None  # default: runs/MODEL-TIMESTAMP
     resume: str = None
     log_every: int = 10
@@ -64,7 +70,7 @@ class TrainConfig:
         """A copy with every data-dependent default filled in."""
         values = asdict(self)
         if values["workers"] is None:
-            values["workers"] = min(4, os.cpu_count() or 1)
+            values["workers"] = default_workers()
         defaults = BUILTIN_PRESET if self.data == BUILTIN else REAL_DATA_DEFAULTS
         for name, value in defaults.items():
             if values[name] is None:
@@ -186,7 +192,7 @@ def add_train_arguments(parser):
       help="image loading: NVIDIA DALI (GPU decoding; on a CPU its CPU operators) or PIL DataLoader workers "
            "(default: auto: dali on CUDA for image files, pil elsewhere)")
     a("--workers", type=int, default=None,
-      help="DataLoader worker processes for image files (default: min(4, CPU cores))")
+      help="DataLoader worker processes for image files (default: the CPU cores this process may use, divided among the processes on the node, at most 16)")
     a("--out", default=None, help="run directory (default: runs/MODEL-TIMESTAMP)")
     a("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly where its checkpoint stopped")
     a("--log-every", type=positive_int("--log-every"), default=d.log_every, help="steps between metrics lines (default: 10)")

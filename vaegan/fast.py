@@ -13,7 +13,6 @@ The equilibrium rule decides on the host which optimizers step (one small device
 step, which the loss check needs anyway); each optimizer step is compiled on its own.
 """
 import importlib
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -93,11 +92,15 @@ def set_learning_rate(optimizers, lr):
                 group["lr"] = lr
 
 
-def check_fast_options(options, device_type):
+def check_fast_options(options, device_type, collectives_in_forward=False):
+    """collectives_in_forward: --sync-bn across processes (an all-reduce inside every BatchNorm)."""
     if options.cuda_graphs and not options.compile:
         raise ConfigError("--cuda-graphs captures the compiled step: add --compile")
     if options.cuda_graphs and device_type != "cuda":
         raise ConfigError("--cuda-graphs needs CUDA; this run is on the CPU")
+    if options.cuda_graphs and collectives_in_forward:
+        raise ConfigError("--cuda-graphs with --sync-bn across processes would capture NCCL all-reduces in a CUDA "
+                          "graph, which is not supported here: drop one of them (--compile alone works with --sync-bn)")
 
 
 class TrainStep:
@@ -115,7 +118,6 @@ class TrainStep:
             self.forward = torch.compile(routed_losses, backend=options.backend, mode=mode)
             self.optimizer_steps = {name: torch.compile(opt.step, backend=options.backend, mode=mode)
                                     for name, opt in optimizers.items()}
-            logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 
     def gradients(self, x, z_prior, noise_seed, row_offset=0, attributes=None):
         """Each network's own gradient in `.grad`; returns the detached stats (no synchronisation)."""

@@ -97,21 +97,49 @@ def resolve_loader(choice, device, dataset):
     return "dali", "GPU decoding" if device.type == "cuda" else "CPU operators"
 
 
+def open_loader(cfg, dataset, ctx, device, start_step):
+    """(loader, its sampler, "pil" | "dali", description). A DALI pipeline that --loader auto chose
+    but cannot be built gives way to the PIL loader, with the reason; --loader dali fails instead."""
+    kind, description = resolve_loader(cfg.loader, device, dataset)
+    if kind == "dali":
+        try:
+            loader = DaliLoader(dataset, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step, cfg.steps,
+                                cfg.flip, device.type, device.index if device.type == "cuda" else None)
+            return loader, loader.sampler, "dali", description
+        except Exception as e:
+            if cfg.loader == "dali":
+                raise
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            kind, description = "pil", f"default, as the DALI pipeline could not be built ({message}); {{workers}} workers"
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
+                               cfg.steps, cfg.flip)
+    loader = make_loader(dataset, sampler, cfg.workers, pin_memory=device.type == "cuda")
+    return loader, sampler, "pil", description.format(workers=loader.num_workers)
+
+
 def resolve_kernels(choice, device, gan_loss_form="logits"):
-    """("torch" | "triton", how it was chosen): --kernels triton that cannot run is an error."""
+    """("torch" | "triton", how it was chosen). Before a run relies on the fused kernels they are
+    checked against the references on `device` (kernels/selfcheck.py): --kernels auto falls back to
+    the references, saying why; --kernels triton that cannot run or disagrees is an error."""
     import kernels
+    if choice == "torch":
+        return "torch", "requested"
     if choice == "auto" and gan_loss_form == "eps":
         return "torch", "default for --gan-loss-form eps, which has no fused kernel"
-    reason = kernels.triton_unavailable_reason(device.type) if choice != "torch" else None
+    if choice == "auto" and device.type != "cuda":
+        return "torch", "default off CUDA"
+    reason = kernels.triton_unavailable_reason(device.type)
+    if reason is None:
+        from kernels.selfcheck import self_check
+        reason = self_check(device)
     if choice == "triton":
         if reason:
             raise ConfigError(f"--kernels triton: {reason}")
-        return "triton", "interpreter" if device.type != "cuda" else "requested"
-    if choice == "torch":
-        return "torch", "requested"
-    if device.type == "cuda" and reason is None:
-        return "triton", "default on CUDA"
-    return "torch", "default off CUDA" if device.type != "cuda" else f"default, as {reason}"
+        how = "interpreter" if device.type != "cuda" else "requested"
+        return "triton", f"{how}, checked against the references"
+    if reason:
+        return "torch", f"default, as {reason}"
+    return "triton", "default on CUDA, checked against the references"
 
 
 def merge_resumed_config(cfg, saved):
@@ -188,6 +216,8 @@ def train(cfg):
     try:
         if device.type == "cuda" and ctx.distributed:
             device = torch.device("cuda", ctx.local_rank)
+        elif device.type == "cuda" and device.index is None:  # DALI and the checks need the index
+            device = torch.device("cuda", torch.cuda.current_device())
         return run(cfg, ctx, device, saved)
     finally:
         distributed.teardown(ctx)
@@ -202,7 +232,7 @@ def run(cfg, ctx, device, saved):
     param_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
     channels_last = cfg.memory_format == "channels-last" or (cfg.memory_format == "auto" and device.type == "cuda")
     fast_options = FastOptions(cfg.compile, cfg.cuda_graphs, channels_last, cfg.compile_backend)
-    check_fast_options(fast_options, device.type)
+    check_fast_options(fast_options, device.type, cfg.sync_bn and ctx.distributed)
     optimizer_impl, optimizer_reason = resolve_optimizer_impl(cfg.optimizer_impl, cfg.optimizer, device.type)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
@@ -227,16 +257,7 @@ def run(cfg, ctx, device, saved):
     reducer = (distributed.OverlappedGradientReducer(model, ctx)
                if ctx.distributed and cfg.overlap_allreduce else None)
     global_batch = cfg.batch_size * ctx.world_size
-    loader_kind, loader_reason = resolve_loader(cfg.loader, device, dataset)
-    if loader_kind == "dali":
-        loader = DaliLoader(dataset, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step, cfg.steps,
-                            cfg.flip, device.type, device.index if device.type == "cuda" else None)
-        sampler = loader.sampler
-    else:
-        sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
-                                   cfg.steps, cfg.flip)
-        loader = make_loader(dataset, sampler, cfg.workers, pin_memory=device.type == "cuda")
-        loader_reason = loader_reason.format(workers=loader.num_workers)
+    loader, sampler, loader_kind, loader_reason = open_loader(cfg, dataset, ctx, device, start_step)
     unused = len(dataset) - sampler.steps_per_epoch * sampler.global_batch
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")

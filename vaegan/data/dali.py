@@ -1,20 +1,24 @@
 """NVIDIA DALI loader: JPEG/PNG decoding (nvJPEG on the GPU), crop, low-pass, resize and flip.
 
-The order is the one the PIL loader uses (vaegan/data/loader.py): step s takes its images from
-the permutation of (seed, epoch), each rank a contiguous slice of every global batch. For each
-epoch (or the rest of one, when resuming) the pipeline is built over that epoch's files in
-rank-major order, and `fn.readers.file` shards them with shard_id = rank, num_shards = world
-size: shard r is then exactly rank r's slices, in step order. Each file's label carries its
-data-set index and its flip bit, so attributes and flips travel with it.
+The order is the one the PIL loader uses (vaegan/data/loader.py): the same StepBatchSampler
+says which files rank r reads at step s. The pipeline is built once per run and fed by an
+external source that follows the sampler: each batch's encoded files (read on the host) and
+labels carrying each file's data-set index and flip bit, so attributes and flips travel with it.
+Nothing is rebuilt at an epoch boundary (nvJPEG's state and DALI's memory pools live as long as
+the loader).
 
 Last batch: only full global batches are used in an epoch; the images left over (fewer than one
 global batch) differ every epoch and are counted in the start-up line. Resume is exact, to the
 step within the epoch. A file DALI cannot decode stops the run with an error naming it
 (the PIL loader instead skips and counts such files).
 
-With device "cpu" the pipeline runs on DALI's CPU operators (device_id=None): that is how the
-tests exercise it on machines without a GPU.
+On CUDA the batch is copied into PyTorch memory on PyTorch's current stream, so the copy is
+ordered with the training step's kernels (as DALI's own PyTorch iterator does). With device
+"cpu" the pipeline runs on DALI's CPU operators (device_id=None): that is how the tests
+exercise it on machines without a GPU.
 """
+import collections
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,6 +28,7 @@ from .loader import StepBatchSampler
 from .preprocess import CELEBA_CROP, CELEBA_SIZE, SIGMA_PER_SHRINK
 
 DALI_THREADS = 4
+PREFETCH = 2
 NO_BLUR_SIGMA = 0.01  # a 3-tap kernel of weights ~(0, 1, 0): the identity, for images not shrunk
 
 
@@ -35,32 +40,35 @@ def dali_unavailable_reason():
     return None
 
 
-def _epoch_files(dataset, sampler, epoch, first_step, steps):
-    """(files, labels) of steps first_step..first_step+steps-1 of `epoch`, rank-major."""
-    order, flips = sampler.epoch_order(epoch)
-    files, labels = [], []
-    for rank in range(sampler.world_size):
-        for position in range(first_step, first_step + steps):
-            start = position * sampler.global_batch + rank * sampler.batch_size
-            for index in order[start:start + sampler.batch_size]:
-                files.append(dataset.paths[index])
-                labels.append(2 * index + int(flips[index]))
-    return files, labels
+class _EncodedBatches:
+    """The pipeline's input: for each step of the sampler, this rank's files read as bytes, and
+    labels 2 * index + flip. Remembers the files of the batches in flight, to name a bad one."""
+
+    def __init__(self, dataset, sampler):
+        self.dataset, self.sampler = dataset, sampler
+        self.in_flight = collections.deque(maxlen=PREFETCH + 2)
+
+    def __iter__(self):
+        for batch in self.sampler:
+            paths = [self.dataset.paths[index] for index, _ in batch]
+            self.in_flight.append(paths)
+            encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
+            labels = np.array([2 * index + int(flip) for index, flip in batch], dtype=np.int32)
+            yield encoded, labels
 
 
-def _build_pipeline(files, labels, dataset, sampler, device, device_id):
+def _build_pipeline(source, dataset, batch_size, device, device_id):
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dali_math
 
     size, channels = dataset.image_size, dataset.channels
     decoder_device, op_device = ("mixed", "gpu") if device == "cuda" else ("cpu", "cpu")
 
-    @pipeline_def(batch_size=sampler.batch_size, num_threads=DALI_THREADS, device_id=device_id,
-                  prefetch_queue_depth=2)
+    @pipeline_def(batch_size=batch_size, num_threads=DALI_THREADS, device_id=device_id,
+                  prefetch_queue_depth=PREFETCH)
     def pipeline():
-        encoded, label = fn.readers.file(files=files, labels=labels, shard_id=sampler.rank,
-                                         num_shards=sampler.world_size, random_shuffle=False,
-                                         pad_last_batch=True, name="reader")
+        encoded, label = fn.external_source(source=source, num_outputs=2, batch=True,
+                                            dtype=[types.UINT8, types.INT32])
         images = fn.decoders.image(encoded, device=decoder_device,
                                    output_type=types.GRAY if channels == 1 else types.RGB)
         if dataset.celeba:
@@ -93,7 +101,10 @@ def _build_pipeline(files, labels, dataset, sampler, device, device_id):
 
 
 class DaliLoader:
-    """Iterates (images, attributes, unreadable=[]) for steps start..end-1, like the PIL loader."""
+    """Iterates (images, attributes, unreadable=[]) for steps start..end-1, like the PIL loader.
+
+    The pipeline is built here, once: a loader that cannot be built fails at construction (so
+    --loader auto can fall back to PIL before training starts). Iterate it once."""
 
     def __init__(self, dataset, batch_size, rank, world_size, seed, start_step, end_step, flip=True,
                  device="cpu", device_id=None):
@@ -103,46 +114,41 @@ class DaliLoader:
         if dataset.in_memory:
             raise DataError("--loader dali decodes image files; the built-in faces are held in memory: "
                             "use --loader pil")
+        if device == "cuda" and device_id is None:
+            raise ValueError("DaliLoader on CUDA needs the device index (device_id)")
         self.dataset, self.device, self.device_id = dataset, device, device_id
         self.sampler = StepBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step, end_step, flip)
         self.num_workers = DALI_THREADS
         self.unused_per_epoch = len(dataset) - self.sampler.steps_per_epoch * self.sampler.global_batch
+        self.source = _EncodedBatches(dataset, self.sampler)
+        self.pipe = _build_pipeline(self.source, dataset, batch_size, device, device_id)
+        self.target_device = torch.device("cuda", device_id) if device == "cuda" else torch.device("cpu")
 
     def __len__(self):
         return len(self.sampler)
 
     def __iter__(self):
-        sampler = self.sampler
-        step = sampler.start_step
-        while step < sampler.end_step:
-            epoch, position = divmod(step, sampler.steps_per_epoch)
-            steps = min(sampler.steps_per_epoch - position, sampler.end_step - step)
-            files, labels = _epoch_files(self.dataset, sampler, epoch, position, steps)
-            pipe = _build_pipeline(files, labels, self.dataset, sampler, self.device, self.device_id)
-            for i in range(steps):
-                try:
-                    images, label = pipe.run()
-                except RuntimeError as e:
-                    # the failure may come from a prefetched batch: look at this one and the next two
-                    start = (sampler.rank * steps + i) * sampler.batch_size
-                    shard_end = (sampler.rank + 1) * steps * sampler.batch_size
-                    raise DataError(self._explain(files[start:min(start + 3 * sampler.batch_size, shard_end)], e)) from None
-                yield self._to_torch(images, label)
-            step += steps
-            del pipe
+        for _ in range(len(self.sampler)):
+            try:
+                images, label = self.pipe.run()
+            except RuntimeError as e:
+                # the failure may come from a prefetched batch: look at every batch in flight
+                raise DataError(self._explain([p for paths in self.source.in_flight for p in paths], e)) from None
+            yield self._to_torch(images, label)
 
     def _to_torch(self, images, label):
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         images = images.as_tensor()
-        target = torch.empty(images.shape(), dtype=torch.float32,
-                             device=torch.device("cuda", self.device_id) if self.device == "cuda" else "cpu")
-        feed_ndarray(images, target)
+        target = torch.empty(images.shape(), dtype=torch.float32, device=self.target_device)
+        # on CUDA, DALI's copy is queued on PyTorch's current stream: ordered with the step's kernels
+        stream = torch.cuda.current_stream(self.target_device) if self.device == "cuda" else None
+        feed_ndarray(images, target, cuda_stream=stream)
         indices = torch.from_numpy(np.array(label.as_tensor()).reshape(-1).astype(np.int64)) // 2
         return target, self.dataset.attributes[indices], []
 
-    def _explain(self, batch, error):
-        for path in batch:
+    def _explain(self, paths, error):
+        for path in paths:
             try:
                 with Image.open(path) as image:
                     image.load()
@@ -150,4 +156,4 @@ class DaliLoader:
                 return (f"{path}: cannot be decoded ({type(e).__name__}: {e}); remove it, or train with "
                         "--loader pil, which skips unreadable images")
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"DALI failed on a batch starting with {batch[0]}: {first_line}"
+        return f"DALI failed on a batch starting with {paths[0]}: {first_line}"

@@ -1,0 +1,86 @@
+"""The fused kernels check themselves before a run relies on them (StyleGAN2-ADA's custom ops do
+the same): each op, forward and backward, against its PyTorch reference on a small random batch
+on the run's device. A kernel that fails to build or run, or disagrees, is reported in one line.
+
+    self_check(device) -> None if every op agrees, else the reason (naming the op)
+"""
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+TOLERANCE = 1e-4  # the kernels compute in float32; the check runs in float32
+
+
+@dataclass
+class Op:
+    name: str
+    module: str                      # kernels.<module> holds `name` and `name`_reference
+    inputs: Callable                 # (generator, device) -> (differentiable tensors, other arguments)
+    fused: Callable = None           # default: kernels.<module>.<name>, looked up at check time
+
+    def functions(self):
+        module = importlib.import_module(f"kernels.{self.module}")
+        return self.fused or getattr(module, self.name), getattr(module, f"{self.name}_reference")
+
+
+def _randn(generator, device, *shape, scale=1.0):
+    return (scale * torch.randn(shape, generator=generator)).to(device)
+
+
+OPS = [
+    Op("reparam_kl", "reparam",
+       lambda g, d: ((_randn(g, d, 4, 37), _randn(g, d, 4, 37, scale=0.5)), (int(torch.randint(2 ** 31, (1,),
+                                                                                     generator=g)), 3))),
+    Op("feature_nll", "likelihood", lambda g, d: ((_randn(g, d, 3, 5, 7, 9),), (_randn(g, d, 3, 5, 7, 9),))),
+    Op("gan_loss", "gan", lambda g, d: ((_randn(g, d, 6, scale=3.0), _randn(g, d, 9, scale=3.0)), (0.5, 0.5))),
+]
+
+
+def _relative_error(got, want):
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def _as_list(outputs):
+    return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+
+
+def _outputs_and_gradients(function, leaves, others, cotangents):
+    outputs = _as_list(function(*leaves, *others))
+    differentiable = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    gradients = torch.autograd.grad([o.float() for o, _ in differentiable], leaves,
+                                    [c for _, c in differentiable], allow_unused=True)
+    return [o.detach() for o in outputs], [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gradients)]
+
+
+def check_op(op, device, generator):
+    """The largest relative error of `op`'s outputs and input gradients against its reference."""
+    fused, reference = op.functions()
+    tensors, others = op.inputs(generator, device)
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    with torch.no_grad():
+        shapes = [o.shape for o in _as_list(reference(*tensors, *others))]
+    cotangents = [_randn(generator, device, *shape) for shape in shapes]
+    want, want_grads = _outputs_and_gradients(reference, leaves, others, cotangents)
+    got, got_grads = _outputs_and_gradients(fused, leaves, others, cotangents)
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+        return float("inf")
+    return max(_relative_error(g, w) for g, w in zip(got + got_grads, want + want_grads))
+
+
+def self_check(device):
+    """None if every fused op matches its reference on `device`, forward and backward; else why not."""
+    generator = torch.Generator()
+    generator.seed()  # fresh inputs each run; the global random state is left alone
+    for op in OPS:
+        try:
+            error = check_op(op, device, generator)
+        except Exception as e:  # a kernel that does not build or launch here
+            message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return f"the fused {op.name} failed to run on {device} ({type(e).__name__}: {message[:300]})"
+        if not error <= TOLERANCE:
+            return (f"the fused {op.name} disagrees with its reference on {device} (relative error {error:.1e}, "
+                    f"tolerance {TOLERANCE:g})")
+    return None
