@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel is imported
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A compiled mode that hits dynamo's recompile limit would run eager and be timed under the wrong
+# name: make that an error instead.
+torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

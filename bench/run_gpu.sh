@@ -1,30 +1,113 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should run, in one go: correctness of the fast paths on the GPU, the
-# benchmarks (kernels, loaders, the whole step), and a few hundred real training steps fed by the
-# fastest loader. Output goes to $OUT (the device tool's folder) or bench/results/; commit what it
-# writes there, with the file names the README cites.
-#   bash bench/run_gpu.sh            (needs torch with CUDA, triton; DALI for the loader runs)
+# What a lent GPU should run, in stages that each fit one command of the device tool (10 minutes):
+#
+#   bash bench/run_gpu.sh preflight tests          # one call
+#   bash bench/run_gpu.sh kernels loaders          # the next
+#   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each)
+#   bash bench/run_gpu.sh train                    # 300 real steps, fastest configuration
+#   bash bench/run_gpu.sh all                      # every stage in order (on a node without a time limit)
+#
+# Every stage runs under `timeout $STAGE_SECONDS` (540 by default) and writes its own file,
+# gpu-DATE-DEVICE-STAGE.txt (+ .json for benchmarks), under $OUT (the device tool's folder) or
+# bench/results/, headed by the device, the versions, the date and the command: commit them.
+# Compiled code is cached in .cache/ (ignored by git) so later stages on the same machine reuse it.
+# DALI is optional everywhere: without it the loader stages and the training run use PIL with
+# one worker per core, and say so.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
-mkdir -p "$out"
+mkdir -p "$out" .cache
+export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor" TRITON_CACHE_DIR="$PWD/.cache/triton"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+limit=${STAGE_SECONDS:-540}
+cores=$(nproc)
 stamp=$(date -u +%Y%m%d)
-device=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
-prefix="$out/gpu-$stamp-$device"
-{
+device=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_') if torch.cuda.is_available() else 'no-cuda')")
+
+header() {  # $1: the stage
+  echo "stage: $1"
   echo "date: $(date -u -Iseconds)"
   echo "device: $device"
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  python -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "dali: not installed"
-  echo "command: bash bench/run_gpu.sh"
-} | tee "$prefix-versions.txt"
-# The fast paths on the GPU: kernels compiled (bf16 too), the routing in every mode, compiled Triton kernels.
-python -m pytest -q -p no:logging tests/test_kernels.py tests/test_step.py tests/test_fast.py 2>&1 \
-  | tee "$prefix-tests.txt" | tail -5
-python -m pytest -q -p no:logging bench --benchmark-json="$prefix-bench.json" 2>&1 | tail -40
-# A few hundred real steps at 64 px from generated CelebA-like JPEGs, the fastest configuration.
-data=$(mktemp -d)
-python -c "import sys; sys.path.insert(0, 'tests'); from datagen import make_celeba; make_celeba('$data', n=8192)"
-python train.py --data "$data" --steps 300 --batch-size 256 --precision bf16 --compile --cuda-graphs \
-  --log-every 50 --sample-every 300 --checkpoint-every 300 --out "$data/run" 2>&1 | tr '\r' '\n' \
-  | grep -v "it/s\]$" | tee "$prefix-train.txt"
-cp "$data/run/metrics.jsonl" "$prefix-train-metrics.jsonl" 2>/dev/null
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "dali: not installed"
+  echo "command: bash bench/run_gpu.sh $1 (timeout $limit s)"
+  echo
+}
+
+run_stage() {  # $1: the stage; the rest: the command
+  local stage=$1; shift
+  local file="$out/gpu-$stamp-$device-$stage"
+  echo "== $stage -> $file.txt"
+  { header "$stage"; timeout "$limit" bash -c '"$@"' _ "$@" 2>&1; local rc=$?
+    [ $rc -eq 124 ] && echo "TIMED OUT after $limit s"; echo "exit status: $rc"; } | tr '\r' '\n' | tee "$file.txt" | tail -15
+}
+
+preflight() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || echo "nvidia-smi failed"
+  python3 - <<'EOF'
+import importlib
+needed = {"torch": "everything", "triton": "the kernels", "pytest": "the tests", "pytest_benchmark": "the benchmarks",
+          "tensorboard": "training", "skimage": "the built-in faces", "PIL": "the PIL loader", "tqdm": "training",
+          "numpy": "everything"}
+optional = {"nvidia.dali": "the DALI loader (optional: PIL is used without it)"}
+missing = []
+for module, what in {**needed, **optional}.items():
+    try:
+        importlib.import_module(module)
+        print(f"ok       {module}")
+    except Exception as e:
+        print(f"MISSING  {module}: needed for {what} ({type(e).__name__}: {e})")
+        if module in needed:
+            missing.append(module)
+import torch
+print("cuda available:", torch.cuda.is_available(), "| bf16:", torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+raise SystemExit(f"missing: {', '.join(missing)}" if missing else 0)
+EOF
+  local rc=$?
+  # offline install; the stages do not depend on it (PYTHONPATH holds the repository)
+  python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3 \
+    && echo "installed: vaegan (editable)" || echo "pip install -e . failed: the stages use PYTHONPATH=$PWD"
+  python3 -c "import torch, kernels, vaegan; print('vaegan imports; kernels self-check on cuda:', \
+    __import__('kernels.selfcheck', fromlist=['x']).self_check(torch.device('cuda')) or 'every op agrees')"
+  return $rc
+}
+
+tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 too), routing in every mode
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_step.py tests/test_fast.py
+}
+
+bench() {  # $1: stage name (for the json), the rest: pytest arguments
+  local stage=$1; shift
+  python3 -m pytest -q -p no:logging -p no:cacheprovider "$@" \
+    --benchmark-json="$out/gpu-$stamp-$device-$stage.json" --benchmark-columns=median,rounds
+}
+
+train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs, the fastest configuration
+  local data=.cache/celeba-like
+  [ -d "$data/img_align_celeba" ] || python3 -c "import sys; sys.path.insert(0, 'tests'); \
+    from datagen import make_celeba; make_celeba('$data', n=8192)"
+  rm -rf .cache/train-run
+  python3 train.py --data "$data" --steps 300 --batch-size 256 --precision bf16 --compile --cuda-graphs \
+    --workers "$cores" --log-every 50 --sample-every 300 --checkpoint-every 300 --out .cache/train-run 2>&1 \
+    | tr '\r' '\n' | grep -v "it/s\]$"
+  local rc=${PIPESTATUS[0]}
+  cp .cache/train-run/metrics.jsonl "$out/gpu-$stamp-$device-train-metrics.jsonl" 2>/dev/null
+  return $rc
+}
+
+export -f preflight tests bench train
+export out stamp device cores
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && { sed -n 2,16p "$0"; exit 2; }
+[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 train)
+for stage in "${stages[@]}"; do
+  case $stage in
+    preflight) run_stage preflight preflight ;;
+    tests) run_stage tests tests ;;
+    kernels) run_stage kernels bench kernels bench/test_kernels.py ;;
+    loaders) run_stage loaders bench loaders bench/test_loaders.py ;;
+    step64|step256|step512) VAEGAN_BENCH_BATCHES=${stage#step} run_stage "$stage" bench "$stage" bench/test_step.py ;;
+    train) run_stage train train ;;
+    *) echo "unknown stage $stage (preflight tests kernels loaders step64 step256 step512 train all)"; exit 2 ;;
+  esac
+done

@@ -5,17 +5,13 @@ the bytes the fused op must move and the bandwidth it achieved, as a fraction of
 HBM bandwidth where the device is known. Targets (issue 3): >= 3x at batch 256 for each op,
 >= 70% of HBM bandwidth for feature_nll at batch 1024.
 """
-import statistics
-import time
-
 import pytest
 import torch
 
 import kernels
+from timing import CUDA, DEVICE, device_peak, median_seconds, sync
 from vaegan import losses
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 BATCHES = [64, 256, 1024] if CUDA else [2]
 LATENT = 128
 FEATURES = (256, 8, 8) if CUDA else (16, 4, 4)  # Dis_l of the 64 px networks
@@ -24,38 +20,15 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 HBM = {"H100": 3.35e12, "H200": 4.8e12}
 
 
-def device_bandwidth():
-    if not CUDA:
-        return None
-    name = torch.cuda.get_device_name()
-    return next((bw for key, bw in HBM.items() if key in name and "PCIe" not in name), None)
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def median_seconds(fn, repeats=50 if CUDA else 2, warmup=10 if CUDA else 1):
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+REPEATS, WARMUP = (50, 10) if CUDA else (2, 1)
 
 
 def compare(benchmark, fused, eager, bytes_moved):
-    eager_s = median_seconds(eager)
-    benchmark.pedantic(lambda: (fused(), sync()), rounds=50 if CUDA else 2, iterations=1,
-                       warmup_rounds=10 if CUDA else 1)
+    eager_s = median_seconds(eager, REPEATS, WARMUP)
+    benchmark.pedantic(lambda: (fused(), sync()), rounds=REPEATS, iterations=1, warmup_rounds=WARMUP)
     fused_s = benchmark.stats.stats.median
     achieved = bytes_moved / fused_s
-    bandwidth = device_bandwidth()
+    bandwidth = device_peak(HBM)
     benchmark.extra_info.update({
         "eager_median_s": eager_s, "fused_median_s": fused_s, "speedup_vs_eager": eager_s / fused_s,
         "bytes_moved": bytes_moved, "achieved_GBps": achieved / 1e9,

@@ -7,39 +7,26 @@ actually performs, and peak_memory_bytes. Targets on one H100 (issue 6): fastest
 baseline at batch 64, >= 10,000 img/s at the best batch.
 On a machine without CUDA the tests run at tiny sizes, only to show that they run and report.
 """
-import statistics
-import time
+import os
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from baseline import baseline_step
+from timing import CUDA, DEVICE, compile_counters, device_peak, median_seconds, sync
 from vaegan.fast import FastOptions, TrainStep, make_optimizer
 from vaegan.models import VAEGAN
 from vaegan.step import StepConfig, equilibrium_decisions
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 SIZE, CHANNELS = (64, 3) if CUDA else (32, 1)
-BATCHES = [64, 256, 512] if CUDA else [4]
+# VAEGAN_BENCH_BATCHES=64 times one batch size (bench/run_gpu.sh runs one per stage)
+BATCHES = [int(b) for b in os.environ.get("VAEGAN_BENCH_BATCHES", "64,256,512").split(",")] if CUDA else [4]
 REPEATS, WARMUP = (30, 15) if CUDA else (2, 2)  # CUDA-graph trees record on their second warm-up call
 GAMMA = 1e-6
 # Dense bf16 tensor-core peaks (FLOP/s): H100 SXM and H200 989.4 TFLOP/s.
 PEAK = {"H100": 989.4e12, "H200": 989.4e12}
 MODES = ("baseline", "eager", "fastest")
-
-
-def peak_flops():
-    if not CUDA:
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK.items() if key in name and "PCIe" not in name), None)
-
-
-def sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def build(mode, batch):
@@ -56,6 +43,8 @@ def build(mode, batch):
             baseline_step(model, x, z_prior, optimizers, GAMMA)
         return step, model
     fastest = mode == "fastest"
+    if fastest:
+        torch._dynamo.reset()  # each case compiles afresh: no earlier case's graphs count against the recompile limit
     cfg = StepConfig(gamma=GAMMA, kernels="triton" if CUDA else "torch")
     options = FastOptions(compile=fastest, cuda_graphs=fastest and CUDA, channels_last=fastest,
                           backend="inductor" if CUDA else "aot_eager")
@@ -70,19 +59,6 @@ def build(mode, batch):
     return step, model
 
 
-def median_seconds(step):
-    for _ in range(WARMUP):
-        step()
-    sync()
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def counted_flops(step):
     with FlopCounterMode(display=False) as counter:
         step()
@@ -95,7 +71,7 @@ _baseline_img_per_s, _routed_flops = {}, {}
 def baseline_img_per_s(batch):
     if batch not in _baseline_img_per_s:
         step, _ = build("baseline", batch)
-        _baseline_img_per_s[batch] = batch / median_seconds(step)
+        _baseline_img_per_s[batch] = batch / median_seconds(step, REPEATS, WARMUP)
     return _baseline_img_per_s[batch]
 
 
@@ -114,6 +90,7 @@ def test_step_throughput(benchmark, mode, batch):
     baseline = baseline_img_per_s(batch)
     useful_flops = routed_flops_per_image(batch)
     step, model = build(mode, batch)
+    before = compile_counters()
     for _ in range(WARMUP):
         step()
     sync()
@@ -122,14 +99,19 @@ def test_step_throughput(benchmark, mode, batch):
     benchmark.pedantic(lambda: (step(), sync()), rounds=REPEATS, iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     img_per_s = batch / seconds
-    peak = peak_flops()
+    peak = device_peak(PEAK)
+    compiled = {name: value - before[name] for name, value in compile_counters().items()}
     mode_flops = None if mode == "fastest" else counted_flops(step) / batch  # (compiled code hides its ops)
     benchmark.extra_info.update({
         "mode": mode, "batch": batch, "image_size": SIZE, "img_per_s": img_per_s,
         "baseline_img_per_s": baseline, "speedup_vs_baseline": img_per_s / baseline,
         "useful_flops_per_image": useful_flops, "mode_flops_per_image": mode_flops,
         "mfu": useful_flops * img_per_s / peak if peak else None,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if CUDA else None})
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if CUDA else None, **compiled})
+    # the figure is the mode it names: nothing fell back to eager, no CUDA graph was skipped
+    assert compiled["recompile_limit_hits"] == 0 and compiled["cudagraph_skips"] == 0, compiled
+    if mode == "fastest":
+        assert compiled["unique_graphs"] > 0
     assert img_per_s > 0 and benchmark.extra_info["speedup_vs_baseline"] > 0
     assert useful_flops > 0
     assert all(torch.isfinite(p).all() for p in model.parameters())

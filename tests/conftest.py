@@ -13,6 +13,16 @@ if not torch.cuda.is_available():
 # choose different TF32 convolutions, whose 10-bit mantissas differ by far more than 1e-4.
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+# A compiled test that exceeded dynamo's recompile limit would run eager and pass for the wrong
+# reason (the routing test once did, for 4 of its 12 compiled cases): an error instead, and each
+# test starts with dynamo's caches empty.
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train.py")

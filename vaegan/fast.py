@@ -114,6 +114,8 @@ class TrainStep:
         if options.channels_last:
             model.to(memory_format=torch.channels_last)
         if options.compile:
+            # past dynamo's recompile limit the step would run eager, silently: make that an error
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
             mode = "reduce-overhead" if options.cuda_graphs else None
             self.forward = torch.compile(routed_losses, backend=options.backend, mode=mode)
             self.optimizer_steps = {name: torch.compile(opt.step, backend=options.backend, mode=mode)
