@@ -130,6 +130,33 @@ def test_discriminator_gradient_holds_nothing_of_llike_and_encoder_nothing_of_ga
         assert torch.allclose(g, w, rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("saturating", [True, False])
+def test_the_decoder_descends_gamma_llike_plus_one_minus_gamma_unweighted_cross_entropy(saturating):
+    # The authors' code (model/aegan.py): the decoder's parameters weigh L_llike by gamma and the GAN
+    # term by 1 - gamma, and the 0.5/0.5 real/fake weights are undone for the decoder.
+    model, x, eps, z_prior = make("vaegan", seed=23)
+    gamma = 0.01  # both terms matter at this weight (the feature error is a per-image sum)
+    compute_gradients(model, x, z_prior, StepConfig(gamma=gamma, saturating=saturating), NOISE_SEED)
+    got = [p.grad.clone() for p in model.decoder.parameters()]
+    enc, dec, dis = model.encoder, model.decoder, model.discriminator
+    mu, logvar = enc(x)
+    features_rec, features_real = dis(torch.cat([dec(mu + torch.exp(0.5 * logvar) * eps), x]),
+                                      features_only=True).chunk(2)
+    llike = losses.feature_nll(features_rec, features_real.detach()).mean()
+    logits_real, logits_fake = dis(torch.cat([x, dec(z_prior)])).chunk(2)
+    if saturating:  # minimax: minus the discriminator's cross-entropy, reals and fakes alike
+        gan = -(losses.real_log_loss(logits_real).mean() + losses.fake_log_loss(logits_fake).mean())
+    else:
+        gan = losses.real_log_loss(logits_fake).mean()
+    params = list(dec.parameters())
+    want = torch.autograd.grad(gamma * llike + (1 - gamma) * gan, params, retain_graph=True)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-14)
+    # the 0.5-weighted GAN term (the effective gamma doubled) is a different gradient
+    halved = torch.autograd.grad(gamma * llike + 0.5 * (1 - gamma) * gan, params)
+    assert max(((g - h).abs().max() / g.abs().max()).item() for g, h in zip(got, halved)) > 0.2
+
+
 def test_gradients_come_from_the_parameters_at_the_start_of_the_step():
     model, x, eps, z_prior = make("vaegan", seed=5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

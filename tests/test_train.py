@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vaegan
+from vaegan.schedule import learning_rate
 from conftest import ROOT, SMALL, TRAIN, run_train
 from datagen import make_folder
 
@@ -36,6 +37,13 @@ def test_run_writes_config_metrics_grids_tensorboard_and_a_loadable_model(tmp_pa
                 "update_discriminator", "skipped_decoder", "skipped_discriminator", "img_per_s"):
         assert key in lines[-1], key
     assert lines[-1]["img_per_s"] > 0
+    # the authors' annealing over the run's 4 steps: the rate of steps 2 and 4, as logged and as the optimizers hold it
+    assert config["lr_schedule"] == "authors" and config["lr"] == pytest.approx(0.025 / 64)
+    assert [m["lr"] for m in lines] == [learning_rate("authors", config["lr"], s - 1, 4) for s in (2, 4)]
+    assert lines[0]["lr"] < config["lr"] and lines[1]["lr"] < lines[0]["lr"]
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    for state in saved["optimizers"].values():
+        assert float(state["param_groups"][0]["lr"]) == pytest.approx(learning_rate("authors", config["lr"], 4, 4))
     for name in ("samples-0000002.png", "reconstructions-0000004.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
@@ -233,3 +241,18 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_are_a_clear_error(tmp_p
     assert done.returncode == 2
     assert "--kernels triton: Triton kernels need a CUDA device" in done.stderr and "TRITON_INTERPRET=1" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_authors_learning_rate_schedule():
+    lr = 0.025 / 64
+    rates = [learning_rate("authors", lr, step, 62_500) for step in range(62_500)]
+    assert rates[0] == lr == pytest.approx(3.906e-4, rel=1e-3)
+    assert rates[31_250] == pytest.approx((0.025 - 0.5 ** 0.75 * (0.025 - 1e-5)) / 64) == pytest.approx(1.586e-4, rel=1e-3)
+    assert rates[-1] == pytest.approx((0.025 - (249 / 250) ** 0.75 * (0.025 - 1e-5)) / 64)
+    assert 1.2e-6 < rates[-1] < 1.4e-6
+    assert len(set(rates[250 * 7:250 * 8])) == 1 and rates[250 * 8] < rates[250 * 8 - 1]  # once per 250 steps
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert learning_rate("constant", 1e-3, 500, 1000) == 1e-3
+    short = [learning_rate("authors", lr, step, 10) for step in range(10)]  # the same shape over any length
+    assert short[0] == lr and short[5] == pytest.approx(rates[31_250]) and short[9] == pytest.approx(
+        learning_rate("authors", lr, 56_250, 62_500))

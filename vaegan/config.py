@@ -5,6 +5,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 
 from .data.datasets import BUILTIN
+from .schedule import AUTHORS_LR, SCHEDULES
 from .models import CONDITIONAL_KINDS, MODEL_KINDS, SUPPORTED_IMAGE_SIZES
 
 DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
@@ -33,7 +34,8 @@ class TrainConfig:
     fc_width: int = 1024    # the authors' code; the paper's table says 2048
     batch_size: int = None  # per process; default: 64 (the paper's), 32 on the built-in faces
     steps: int = None       # default: 62,500 on real data, 150 on the built-in faces
-    lr: float = 3e-4
+    lr: float = AUTHORS_LR   # the start of the schedule: 0.025 / 64, the authors'
+    lr_schedule: str = "authors"
     optimizer: str = "rmsprop"
     weight_decay: float = 1e-5
     gamma: float = None     # default: 1e-6 (the authors'), 1e-3 on the built-in faces
@@ -139,7 +141,11 @@ def add_train_arguments(parser):
       help="images per process and step (default: 64, the paper's; 32 on the built-in faces)")
     a("--steps", type=positive_int("--steps"), default=None,
       help=f"total training steps (default: {DEFAULT_STEPS_REAL_DATA}, the authors'; {BUILTIN_PRESET['steps']} on the built-in faces)")
-    a("--lr", type=number("--lr"), default=d.lr, help="learning rate (default: 3e-4, the paper's)")
+    a("--lr", type=number("--lr"), default=d.lr,
+      help="learning rate at the start (default: 0.025/64 = 3.9e-4, the authors')")
+    a("--lr-schedule", choices=SCHEDULES, default=d.lr_schedule,
+      help="authors: annealed as in the authors' code, lr * (1 - (e/250)^0.75 * (1 - 4e-4)) in 250 equal pieces "
+           "of --steps (3.9e-4 to 1.3e-6 at the default lr); constant: lr throughout (default: authors)")
     a("--optimizer", choices=("rmsprop", "adam"), default=d.optimizer,
       help="rmsprop (alpha 0.9, eps 1e-8, the paper's) or adam (betas 0.5, 0.999) (default: rmsprop)")
     a("--weight-decay", type=number("--weight-decay", inclusive=True), default=d.weight_decay,

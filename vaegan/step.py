@@ -1,8 +1,14 @@
 """Who learns from what: the split update of the VAE/GAN (REFERENCE.md §2).
 
     encoder       descends  KL + L_llike
-    decoder       descends  gamma * L_llike + L_gen     (L_gen: minimax or non-saturating)
+    decoder       descends  gamma * L_llike + (1 - gamma) * L_gen   (L_gen: minimax or non-saturating)
     discriminator descends  L_dis = -L_GAN              (never any gradient of L_llike)
+
+L_dis weights reals and fakes (0.5/0.5); L_gen does not: in the authors' code the gradient is
+scaled by each sample's weight w entering the discriminator's loss and by 1/w leaving its input,
+so the decoder's term is the unweighted cross-entropy, sum over the batch's reals and fakes
+divided by the batch size (REFERENCE.md §2). Minimax: L_gen = -(L_dis with the weights undone);
+non-saturating: L_gen = sum over fakes of -log Dis(fake), divided by the batch size.
 
 `compute_gradients` gets all three from one forward and ONE backward pass, by routing:
   * Dis_l for L_llike is evaluated with the discriminator's parameters detached, so the
@@ -67,6 +73,14 @@ def frozen(module, *args, **kwargs):
 def decoder_llike_weight(cfg):
     # gamma trades L_llike against the GAN term; with no GAN term (vae-disl) the decoder takes L_llike whole.
     return cfg.gamma if cfg.kind == "vaegan" else 1.0
+
+
+def decoder_gan_scale(cfg, batch, fakes):
+    """What multiplies dL_dis/d(fakes) for the decoder: (1 - gamma) for the VAE/GAN (1 for a GAN),
+    over the weight L_dis gives each fake (fake_weight * batch / fakes, as the authors' code has it),
+    which undoes that weight."""
+    gan_weight = 1.0 - cfg.gamma if cfg.kind == "vaegan" else 1.0
+    return gan_weight * fakes / (cfg.fake_weight * batch)
 
 
 def _autocast(x, dtype):
@@ -185,17 +199,18 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
                 if cfg.dis_sees_recon:  # a separate decoder pass from z.detach(): no GAN gradient reaches the encoder
                     fakes, y_fakes = torch.cat([fakes, dec(z.detach(), y)]), _cat(y, y)
             minimax = cfg.kind != "vae-disl" and cfg.saturating
-            # minimax: the decoder descends -L_dis, i.e. the discriminator's gradient reversed at the fakes
-            fakes_for_dis = scale_grad(fakes, -1.0) if minimax else fakes.detach()
+            gan_scale = decoder_gan_scale(cfg, batch, fakes.shape[0])
+            # minimax: the decoder descends -L_dis (weights undone), the discriminator's gradient reversed at the fakes
+            fakes_for_dis = scale_grad(fakes, -gan_scale) if minimax else fakes.detach()
             logits_real, logits_fake = _split(dis(torch.cat([x, fakes_for_dis]), _cat(y, y_fakes)), batch)
             dis_loss, _, real_cost, fake_cost = _gan_terms(cfg, logits_real, logits_fake)
             total = total + dis_loss
             if cfg.kind != "vae-disl":
                 if minimax:
-                    gen_loss = -dis_loss  # reported; its gradient is already routed
+                    gen_loss = -gan_scale * dis_loss  # reported; its gradient is already routed
                 else:
                     frozen_real, frozen_fake = _split(frozen(dis, torch.cat([x, fakes]), _cat(y, y_fakes)), batch)
-                    gen_loss = _gan_terms(cfg, frozen_real.detach(), frozen_fake)[1]
+                    gen_loss = gan_scale * _gan_terms(cfg, frozen_real.detach(), frozen_fake)[1]
                     total = total + gen_loss
     return total, _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost,
                          fake_cost=fake_cost, pixel_error=pixel_error)
@@ -234,10 +249,11 @@ def network_losses(model, x, eps, z_prior, cfg, attributes=None):
         dis_loss = discriminator_loss(cfg, logits_real, logits_fake)
         own["discriminator"] = dis_loss
         if cfg.kind != "vae-disl":
-            # Minimax: the decoder descends all of -L_dis. With BatchNorm over concat[x, fakes], even
-            # log Dis(x) depends on the fakes through the batch statistics: the authors' gradient
-            # reversal includes that, and so does this.
-            gen_loss = -dis_loss if cfg.saturating else non_saturating_generator_loss(cfg, logits_fake)
+            # Minimax: the decoder descends all of -L_dis, its weights undone. With BatchNorm over
+            # concat[x, fakes], even log Dis(x) depends on the fakes through the batch statistics:
+            # the authors' gradient reversal includes that, and so does this.
+            gan_scale = decoder_gan_scale(cfg, batch, fakes.shape[0])
+            gen_loss = gan_scale * (-dis_loss if cfg.saturating else non_saturating_generator_loss(cfg, logits_fake))
             own["decoder"] = own.get("decoder", 0.0) + gen_loss
         real_cost, fake_cost = losses.equilibrium_costs(logits_real.detach(), logits_fake.detach())
     return own, _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost,

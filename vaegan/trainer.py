@@ -16,6 +16,7 @@ from .data.dali import DaliLoader
 from .images import interleave, save_grid
 from .models import CONDITIONAL_KINDS, VAEGAN, base_kind
 from .fast import FastOptions, TrainStep, check_fast_options, make_optimizer, resolve_optimizer_impl, set_learning_rate
+from .schedule import learning_rate
 from .step import StepConfig, equilibrium_decisions
 
 GRID_IMAGES = 32
@@ -243,9 +244,10 @@ def run(cfg, ctx, device, saved):
         model.load_state_dict(saved["model"])
         for name, opt in optimizers.items():
             opt.load_state_dict(saved["optimizers"][name])
-        set_learning_rate(optimizers, cfg.lr)  # the saved groups' lr may be a float or a tensor
         start_step, skips, unreadable = saved["step"], dict(saved["skips"]), set(saved["unreadable"])
         torch.set_rng_state(saved["torch_rng"])
+    lr = learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.steps)
+    set_learning_rate(optimizers, lr)  # (a resumed optimizer's saved lr may be a float or a tensor)
     distributed.broadcast_state(model, ctx)
     kernel_set, kernel_reason = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
     if cfg.compile and kernel_set == "triton" and device.type != "cuda":
@@ -282,7 +284,8 @@ def run(cfg, ctx, device, saved):
     log(ctx, f"vaegan: step {fast_options.describe()}, optimizers {optimizer_impl} ({optimizer_reason})"
              + (f", gradients averaged {'in buckets during the backward pass' if reducer else 'after the backward pass'}"
                 if ctx.distributed else ""))
-    log(ctx, f"vaegan: {cfg.optimizer} lr {cfg.lr:g}, gamma {cfg.gamma:g}, decoder GAN loss {cfg.decoder_gan_loss}"
+    log(ctx, f"vaegan: {cfg.optimizer} lr {cfg.lr:g} ({cfg.lr_schedule}"
+             f"{f', {lr:.3g} at step {start_step}' if lr != cfg.lr else ''}), gamma {cfg.gamma:g}, decoder GAN loss {cfg.decoder_gan_loss}"
              f"{', equilibrium rule' if cfg.equilibrium else ''}; every value used is in config.json")
     log(ctx, f"vaegan: {'resuming at' if saved else 'starting at'} step {start_step} of {cfg.steps}; run directory {cfg.out}")
 
@@ -353,6 +356,9 @@ def run(cfg, ctx, device, saved):
                 update["decoder"], update["discriminator"] = equilibrium_decisions(scfg, stats["real_cost"],
                                                                                    stats["fake_cost"])
             train_step.apply(update)
+            lr, previous_lr = learning_rate(cfg.lr_schedule, cfg.lr, step + 1, cfg.steps), lr
+            if lr != previous_lr:  # a tensor learning rate is filled in place: no recompile
+                set_learning_rate(optimizers, lr)
             for name in optimizers:
                 if not update[name]:
                     skips[name] += 1
@@ -368,6 +374,7 @@ def run(cfg, ctx, device, saved):
                           "update_decoder": update["decoder"], "update_discriminator": update["discriminator"],
                           "skipped_decoder": interval_skips["decoder"],
                           "skipped_discriminator": interval_skips["discriminator"],
+                          "lr": learning_rate(cfg.lr_schedule, cfg.lr, step - 1, cfg.steps),
                           "img_per_s": img_per_s, "unreadable_images": len(unreadable)}
                 if ctx.is_main:
                     with open(metrics_path, "a") as f:
