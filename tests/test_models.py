@@ -41,6 +41,14 @@ def test_initialisation_has_the_authors_std():
     assert isinstance(fc, torch.nn.Linear)
     assert abs(fc.weight.std().item() - 1 / (3 * math.sqrt(fc.in_features))) < 1e-4
     assert enc.mu.bias.abs().max() == 0
+    # a transposed convolution's fan is out_channels * k * k (DeepPy's weights are (in, out, k, k))
+    dec = VAEGAN("vaegan", 64, 3).decoder
+    up = [m for m in dec.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels) for m in up] == [(256, 256), (256, 128), (128, 32)]
+    for m in up:
+        assert abs(m.weight.std().item() / (1 / (3 * math.sqrt(m.out_channels * 25))) - 1) < 0.02
+    last = up[-1]  # 128 -> 32: the two fans differ by 4x, the two stds by 2x
+    assert abs(last.weight.std().item() / (1 / (3 * math.sqrt(last.in_channels * 25))) - 2) < 0.05
 
 
 def test_unsupported_image_size_is_a_clear_error():

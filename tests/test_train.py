@@ -256,3 +256,22 @@ def test_the_authors_learning_rate_schedule():
     short = [learning_rate("authors", lr, step, 10) for step in range(10)]  # the same shape over any length
     assert short[0] == lr and short[5] == pytest.approx(rates[31_250]) and short[9] == pytest.approx(
         learning_rate("authors", lr, 56_250, 62_500))
+
+
+def test_weight_decay_is_deeppys_on_a_batch_sum_and_spares_the_mu_logvar_heads():
+    from vaegan.config import TrainConfig
+    from vaegan.models import VAEGAN
+    from vaegan.trainer import build_optimizers
+    model = VAEGAN("vaegan", 32, 1, latent_size=8, fc_width=16)
+    optimizers = build_optimizers(model, TrainConfig(weight_decay=1e-5, batch_size=16), global_batch=64)
+    heads = {id(model.encoder.mu.weight), id(model.encoder.logvar.weight)}
+    for name, opt in optimizers.items():
+        decay, no_decay = opt.param_groups
+        assert decay["weight_decay"] == pytest.approx(2 * 1e-5 / 64)  # 2 lambda w on the sum = 2 lambda / B on the mean
+        assert no_decay["weight_decay"] == 0
+        assert all(p.dim() > 1 and id(p) not in heads for p in decay["params"])
+        network = getattr(model, name)
+        convs_and_linears = [m.weight for m in network.modules()
+                             if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))]
+        assert {id(p) for p in decay["params"]} == {id(p) for p in convs_and_linears} - heads
+    assert heads <= {id(p) for p in optimizers["encoder"].param_groups[1]["params"]}

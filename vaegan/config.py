@@ -149,7 +149,9 @@ def add_train_arguments(parser):
     a("--optimizer", choices=("rmsprop", "adam"), default=d.optimizer,
       help="rmsprop (alpha 0.9, eps 1e-8, the paper's) or adam (betas 0.5, 0.999) (default: rmsprop)")
     a("--weight-decay", type=number("--weight-decay", inclusive=True), default=d.weight_decay,
-      help="coupled L2 on conv/linear weights (default: 1e-5)")
+      help="lambda of DeepPy's weight decay, as in the authors' code: 2 * lambda * w added to the gradient of the "
+           "batch-sum loss, i.e. coupled L2 of 2 * lambda / (global batch) on our batch-mean losses; on every "
+           "conv/linear weight but the mu/logvar heads' (default: 1e-5, the authors')")
     a("--gamma", type=number("--gamma"), default=None,
       help="weight of L_llike in the decoder's loss, on the per-image feature sum "
            "(default: 1e-6, the authors'; 1e-3 on the built-in faces)")

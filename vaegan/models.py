@@ -130,17 +130,16 @@ class Discriminator(nn.Module):
 
 
 def init_weights(module):
-    """The authors' initialisation: uniform with std 1/(3*sqrt(fan_in)), biases 0.
+    """The authors' initialisation (DeepPy's AutoFiller): uniform with std 1/(3*sqrt(fan)), biases 0.
 
-    fan_in is in_channels*k*k for convolutions and transposed convolutions alike.
+    fan is the product of the weight's shape after its first axis: in_features for a linear layer,
+    in_channels*k*k for a convolution, and out_channels*k*k for a transposed convolution (whose
+    weights both DeepPy and PyTorch store as (in, out, k, k)).
     """
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            if isinstance(m, nn.Linear):
-                fan_in = m.in_features
-            else:
-                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-            bound = math.sqrt(3.0) / (3.0 * math.sqrt(fan_in))  # uniform(-a, a) has std a/sqrt(3)
+            fan = m.weight[0].numel()
+            bound = math.sqrt(3.0) / (3.0 * math.sqrt(fan))  # uniform(-a, a) has std a/sqrt(3)
             nn.init.uniform_(m.weight, -bound, bound)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

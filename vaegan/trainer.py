@@ -47,13 +47,25 @@ def build_model(cfg):
     return model
 
 
-def build_optimizers(model, cfg, impl="for-loop", tensor_lr=False):
-    """One optimizer per network; coupled L2 weight decay on conv/linear weights only."""
+def decayed_weights(model):
+    """The weights DeepPy decays in the authors' networks: every conv/linear weight but the mu/logvar heads'."""
+    heads = set()
+    if model.encoder is not None:
+        heads = {id(model.encoder.mu.weight), id(model.encoder.logvar.weight)}
+    return {id(p) for p in model.parameters() if p.dim() > 1 and id(p) not in heads}
+
+
+def build_optimizers(model, cfg, impl="for-loop", tensor_lr=False, global_batch=None):
+    """One optimizer per network, with the authors' weight decay: DeepPy adds 2 * lambda * w to the
+    gradient of a batch-SUM loss; ours are batch means, so the coupled L2 coefficient is
+    2 * lambda / (global batch)."""
+    coefficient = 2 * cfg.weight_decay / (global_batch or cfg.batch_size)
+    decayed = decayed_weights(model)
     optimizers = {}
     for name, net in model.networks().items():
-        decay = [p for p in net.parameters() if p.dim() > 1]
-        no_decay = [p for p in net.parameters() if p.dim() <= 1]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = [p for p in net.parameters() if id(p) in decayed]
+        no_decay = [p for p in net.parameters() if id(p) not in decayed]
+        groups = [{"params": decay, "weight_decay": coefficient}, {"params": no_decay, "weight_decay": 0.0}]
         optimizers[name] = make_optimizer(cfg.optimizer, impl, groups, cfg.lr, tensor_lr)
     return optimizers
 
@@ -238,7 +250,8 @@ def run(cfg, ctx, device, saved):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
     model = build_model(cfg).to(device, param_dtype)
-    optimizers = build_optimizers(model, cfg, optimizer_impl, tensor_lr=cfg.compile)
+    optimizers = build_optimizers(model, cfg, optimizer_impl, tensor_lr=cfg.compile,
+                                  global_batch=cfg.batch_size * ctx.world_size)
     start_step, skips, unreadable = 0, {"decoder": 0, "discriminator": 0}, set()
     if saved is not None:
         model.load_state_dict(saved["model"])
