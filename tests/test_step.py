@@ -190,3 +190,34 @@ def test_equilibrium_rule(real, fake, expected):
 def test_equilibrium_rule_can_be_switched_off_and_paces_only_the_discriminator_without_gan_gradient():
     assert equilibrium_decisions(StepConfig(equilibrium=False), 0.1, 2.0) == (True, True)
     assert equilibrium_decisions(StepConfig(kind="vae-disl"), 0.1, 2.0) == (True, False)
+
+
+@pytest.mark.parametrize("kind,variant", [("vaegan", {}), ("vaegan", dict(saturating=False, dis_sees_recon=True)),
+                                          ("gan", {}), ("vae-disl", {}), ("vae", {})],
+                         ids=lambda v: str(v) if isinstance(v, str) else "-".join(f"{k}={v[k]}" for k in v) or "default")
+def test_one_step_updates_each_batchnorm_once_from_the_pass_it_belongs_to(kind, variant):
+    # The authors keep a copy of a network per extra use: the statistics the test-time model uses come
+    # from the encoder's pass, the decoder's reconstructions (its prior samples, for a GAN) and the
+    # discriminator's GAN pass; Dis_l, the non-saturating pass and the extra decoder passes leave none.
+    import copy
+    model, x, eps, z_prior = make(kind, seed=29)
+    start = copy.deepcopy(model)
+    compute_gradients(model, x, z_prior, StepConfig(kind=kind, gamma=1e-3, **variant), NOISE_SEED)
+    norms = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    before = dict(start.named_modules())
+    assert norms and all(m.num_batches_tracked == before[name].num_batches_tracked + 1 for name, m in norms)
+    with torch.no_grad():  # the passes the statistics belong to, alone, on `start` (a scratch copy makes the fakes)
+        scratch = copy.deepcopy(start)
+        fakes = scratch.decoder(z_prior)
+        if start.encoder is not None:
+            mu, logvar = start.encoder(x)
+            z = mu + torch.exp(0.5 * logvar) * eps
+            start.decoder(z)
+            if variant.get("dis_sees_recon"):
+                fakes = torch.cat([fakes, scratch.decoder(z)])
+        else:
+            start.decoder(z_prior)
+        if start.discriminator is not None:
+            start.discriminator(torch.cat([x, fakes]))
+    for (name, got), (_, want) in zip(model.named_buffers(), start.named_buffers()):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-15), name

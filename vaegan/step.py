@@ -64,10 +64,25 @@ def scale_grad(x, scale):
     return x if scale == 1 else _ScaleGrad.apply(x, scale)
 
 
+def _scratch_buffers(module):
+    # BatchNorm updates its running statistics in place: on copies, they are thrown away
+    return {name: b.clone() for name, b in module.named_buffers()}
+
+
 def frozen(module, *args, **kwargs):
-    """Call `module` with its parameters detached: gradients reach the inputs, not the weights."""
+    """Call `module` with its parameters detached: gradients reach the inputs, not the weights.
+    Its BatchNorm running statistics are left as they were (an extra pass, not the one they keep)."""
     params = {name: p.detach() for name, p in module.named_parameters()}
-    return torch.func.functional_call(module, {**params, **dict(module.named_buffers())}, args, kwargs)
+    return torch.func.functional_call(module, {**params, **_scratch_buffers(module)}, args, kwargs)
+
+
+def extra_pass(module, *args, **kwargs):
+    """Call `module` as usual (gradients reach its weights), leaving its BatchNorm running statistics
+    as they were. The authors keep a separate copy of a network for each extra use (the decoder on
+    prior samples, the discriminator for Dis_l), so the statistics the test-time model uses come
+    from one pass: the decoder's from the reconstructions, the discriminator's from the GAN pass."""
+    return torch.func.functional_call(module, {**dict(module.named_parameters()), **_scratch_buffers(module)},
+                                      args, kwargs)
 
 
 def decoder_llike_weight(cfg):
@@ -191,13 +206,15 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
             total = kl + llike
         if dis is not None:
             y_fakes = y
+            # the decoder's statistics are its reconstructions' (a GAN has no other pass)
+            prior_pass = dec if enc is None else (lambda *a: extra_pass(dec, *a))
             if cfg.kind == "vae-disl":  # the decoder gets no GAN gradient
                 with torch.no_grad():
-                    fakes = dec(z_prior, y)
+                    fakes = prior_pass(z_prior, y)
             else:
-                fakes = dec(z_prior, y)
+                fakes = prior_pass(z_prior, y)
                 if cfg.dis_sees_recon:  # a separate decoder pass from z.detach(): no GAN gradient reaches the encoder
-                    fakes, y_fakes = torch.cat([fakes, dec(z.detach(), y)]), _cat(y, y)
+                    fakes, y_fakes = torch.cat([fakes, extra_pass(dec, z.detach(), y)]), _cat(y, y)
             minimax = cfg.kind != "vae-disl" and cfg.saturating
             gan_scale = decoder_gan_scale(cfg, batch, fakes.shape[0])
             # minimax: the decoder descends -L_dis (weights undone), the discriminator's gradient reversed at the fakes
