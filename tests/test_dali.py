@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from conftest import SMALL, run_train
-from datagen import make_celeba, make_folder
+from datagen import make_celeba, make_celeba_from_photographs, make_folder
+from test_data import authors_preprocessing, laplacian_rms
 from vaegan.data import DataError, StepBatchSampler, build_dataset, make_loader
 from vaegan.data.dali import DaliLoader
 
@@ -53,7 +54,7 @@ def test_dali_and_pil_loaders_give_the_same_batches(tmp_path, layout):
     for (a, attrs_a), (b, attrs_b) in zip(dali, pil):
         assert a.shape == b.shape and a.dtype == torch.float32
         difference = (a - b).abs()
-        assert difference.mean() < LEVEL and difference.max() <= 3 * LEVEL  # interpolation tolerance
+        assert difference.mean() < LEVEL and difference.max() <= 4 * LEVEL  # cubic convolution against a spline
         assert torch.equal(attrs_a, attrs_b)  # same images, same order
     # flips are the same ones: un-flipping one side would break the match
     assert (dali[0][0].flip(3) - pil[0][0]).abs().mean() > 5 * LEVEL
@@ -150,3 +151,18 @@ def test_loader_auto_falls_back_to_pil_when_the_pipeline_cannot_be_built(tmp_pat
     cfg = TrainConfig(data=str(tmp_path), batch_size=4, steps=2, workers=0, loader="dali")
     with pytest.raises(RuntimeError, match="nvJPEG: no decoder"):  # asked for by name: no fallback
         trainer.open_loader(cfg, dataset, ctx, torch.device("cpu"), 0)
+
+
+def test_dali_preprocessing_follows_the_authors_on_real_photographs(tmp_path):
+    # DALI's cubic resize is a cubic convolution, scikit-image's an order-3 spline: close, not equal
+    make_celeba_from_photographs(tmp_path)
+    dataset = build_dataset(str(tmp_path), "train", 64, 3)
+    loader = DaliLoader(dataset, len(dataset), 0, 1, seed=0, start_step=0, end_step=1, flip=False)
+    (images, _), = batches(loader)
+    order, _ = loader.sampler.epoch_order(0)
+    for image, index in zip(images, order):
+        want = authors_preprocessing(dataset.paths[index]).astype(np.float64)
+        got = (image.permute(1, 2, 0).numpy() + 1) * 127.5
+        difference = np.abs(got - want)
+        assert difference.mean() < 1 and np.percentile(difference, 99) <= 6, dataset.paths[index]
+        assert abs(laplacian_rms(got) / laplacian_rms(want) - 1) < 0.05, dataset.paths[index]  # as sharp

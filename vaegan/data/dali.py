@@ -25,7 +25,7 @@ from PIL import Image
 
 from .datasets import DataError
 from .loader import StepBatchSampler
-from .preprocess import CELEBA_CROP, CELEBA_SIZE, SIGMA_PER_SHRINK
+from .preprocess import CELEBA_CROP, CELEBA_SIZE, lowpass_sigma
 
 DALI_THREADS = 4
 PREFETCH = 2
@@ -77,7 +77,7 @@ def _build_pipeline(source, dataset, batch_size, device, device_id):
             # crop_pos is the anchor as a fraction of the free space: 15/30, 40/70 for CelebA
             images = fn.crop(images, crop=(side, side), crop_pos_x=left / (CELEBA_SIZE[0] - side),
                              crop_pos_y=upper / (CELEBA_SIZE[1] - side), device=op_device)
-            images = fn.gaussian_blur(images, sigma=SIGMA_PER_SHRINK * side / size, device=op_device)
+            images = fn.gaussian_blur(images, sigma=lowpass_sigma(side / size), device=op_device)
         else:  # the centred square, low-passed only when shrinking (as the PIL path does)
             shape = fn.peek_image_shape(encoded)  # (H, W, C)
             height, width = shape[0], shape[1]
@@ -87,9 +87,11 @@ def _build_pipeline(source, dataset, batch_size, device, device_id):
             images = fn.slice(images, anchor, fn.stack(side_int, side_int), axis_names="HW", device=op_device)
             side = fn.cast(side_int, dtype=types.FLOAT)
             shrinking = fn.cast(side > size, dtype=types.FLOAT)
-            sigma = shrinking * (SIGMA_PER_SHRINK / size) * side + (1.0 - shrinking) * NO_BLUR_SIGMA
+            sigma = shrinking * dali_math.sqrt(side / size) / 2.0 + (1.0 - shrinking) * NO_BLUR_SIGMA
             images = fn.gaussian_blur(images, sigma=sigma, device=op_device)
-        images = fn.resize(images, size=(size, size), interp_type=types.INTERP_LINEAR, antialias=True,
+        # the authors' order-3 resize without anti-aliasing (the blur is the anti-aliasing); DALI's cubic
+        # is a cubic convolution, not scikit-image's spline: a test holds the two together
+        images = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=False,
                            device=op_device)
         images = fn.crop_mirror_normalize(images, mirror=label % 2, mean=[127.5], std=[127.5],
                                           output_layout="CHW", dtype=types.FLOAT, device=op_device)
