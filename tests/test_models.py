@@ -93,3 +93,15 @@ def test_conditional_attribute_errors_are_clear():
         VAEGAN("gan", 32).eval().sample(2, attributes=torch.ones(2, 1))
     with pytest.raises(ValueError, match="needs attribute names"):
         VAEGAN("cvae", 32)
+
+
+def test_width_multiplier_scales_every_convolution_and_one_is_the_papers():
+    paper, narrow = VAEGAN("vaegan", 64, 3), VAEGAN("vaegan", 64, 3, width=0.25)
+    assert [type(m) for m in paper.modules()] == [type(m) for m in narrow.modules()]
+    for p, n in zip(paper.modules(), narrow.modules()):
+        if isinstance(p, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)) and p.out_channels != 3:
+            assert n.out_channels == p.out_channels // 4
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert narrow.discriminator(x, features_only=True).shape == (2, 64, 8, 8)  # Dis_l: 256 / 4 channels
+    assert paper.discriminator(x, features_only=True).shape == (2, 256, 8, 8)
+    assert sum(p.numel() for p in narrow.parameters()) < 0.2 * sum(p.numel() for p in paper.parameters())

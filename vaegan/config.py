@@ -32,6 +32,7 @@ class TrainConfig:
     channels: int = None    # default: 1 for the built-in faces, else 3
     latent_size: int = 128
     fc_width: int = 1024    # the authors' code; the paper's table says 2048
+    width: float = 1.0      # channel-width multiplier; 1 is the paper's networks
     batch_size: int = None  # per process; default: 64 (the paper's), 32 on the built-in faces
     steps: int = None       # default: 62,500 on real data, 150 on the built-in faces
     lr: float = AUTHORS_LR   # the start of the schedule: 0.025 / 64, the authors'
@@ -137,6 +138,9 @@ def add_train_arguments(parser):
     a("--latent-size", type=positive_int("--latent-size"), default=d.latent_size, help="size of z (default: 128)")
     a("--fc-width", type=positive_int("--fc-width"), default=d.fc_width,
       help="encoder FC width (default: 1024, the authors' code; the paper's table: 2048)")
+    a("--width", type=number("--width"), default=d.width,
+      help="channel-width multiplier of every convolution and of the discriminator's FC layer (default: 1, the "
+           "paper's networks; not the paper's otherwise: bench/learning.py uses 0.25 to learn on a CPU)")
     a("--batch-size", type=positive_int("--batch-size"), default=None,
       help="images per process and step (default: 64, the paper's; 32 on the built-in faces)")
     a("--steps", type=positive_int("--steps"), default=None,

@@ -39,6 +39,11 @@ BASE_CHANNELS = 256
 CONV_BN_EPS = 1e-6  # the authors' value for convolutional BatchNorm; FC BatchNorm keeps 1e-5
 
 
+def scaled(channels, width):
+    """A channel count times the width multiplier (1: the paper's networks)."""
+    return max(1, int(round(channels * width)))
+
+
 def conv(in_ch, out_ch, stride, bias):
     return nn.Conv2d(in_ch, out_ch, 5, stride=stride, padding=2, bias=bias)
 
@@ -61,14 +66,14 @@ def check_image_size(image_size):
 class Encoder(nn.Module):
     """Enc(x) -> (mu, logvar); conditional: Enc(x, y), y as constant input channels."""
 
-    def __init__(self, image_size=64, channels=3, latent_size=128, fc_width=1024, num_attributes=0):
+    def __init__(self, image_size=64, channels=3, latent_size=128, fc_width=1024, num_attributes=0, width=1.0):
         super().__init__()
         check_image_size(image_size)
         layers, in_ch = [], channels + num_attributes
         for out_ch in ENCODER_STAGES[image_size]:
-            layers += conv_bn_relu(in_ch, out_ch, stride=2)
-            in_ch = out_ch
-        layers += [nn.Flatten(), nn.Linear(BASE_CHANNELS * BASE * BASE, fc_width, bias=False),
+            layers += conv_bn_relu(in_ch, scaled(out_ch, width), stride=2)
+            in_ch = scaled(out_ch, width)
+        layers += [nn.Flatten(), nn.Linear(in_ch * BASE * BASE, fc_width, bias=False),
                    nn.BatchNorm1d(fc_width), nn.ReLU()]
         self.body = nn.Sequential(*layers)
         self.mu = nn.Linear(fc_width, latent_size)
@@ -82,14 +87,14 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Dec(z) -> image in [-1, 1]; also the GAN's generator. Conditional: Dec([z, y])."""
 
-    def __init__(self, image_size=64, channels=3, latent_size=128, num_attributes=0):
+    def __init__(self, image_size=64, channels=3, latent_size=128, num_attributes=0, width=1.0):
         super().__init__()
         check_image_size(image_size)
-        layers = [nn.Linear(latent_size + num_attributes, BASE_CHANNELS * BASE * BASE, bias=False),
-                  nn.BatchNorm1d(BASE_CHANNELS * BASE * BASE), nn.ReLU(),
-                  nn.Unflatten(1, (BASE_CHANNELS, BASE, BASE))]
-        in_ch = BASE_CHANNELS
+        in_ch = scaled(BASE_CHANNELS, width)
+        layers = [nn.Linear(latent_size + num_attributes, in_ch * BASE * BASE, bias=False),
+                  nn.BatchNorm1d(in_ch * BASE * BASE), nn.ReLU(), nn.Unflatten(1, (in_ch, BASE, BASE))]
         for out_ch in DECODER_STAGES[image_size]:
+            out_ch = scaled(out_ch, width)
             layers += [up_conv(in_ch, out_ch), nn.BatchNorm2d(out_ch, eps=CONV_BN_EPS), nn.ReLU()]
             in_ch = out_ch
         layers += [conv(in_ch, channels, stride=1, bias=True), nn.Tanh()]
@@ -106,12 +111,12 @@ class Discriminator(nn.Module):
     (256x8x8 = 16,384 features per image). Conditional: Dis(x, y), y as constant input channels.
     """
 
-    def __init__(self, image_size=64, channels=3, num_attributes=0):
+    def __init__(self, image_size=64, channels=3, num_attributes=0, width=1.0):
         super().__init__()
         check_image_size(image_size)
-        stages = DISCRIMINATOR_STAGES[image_size]
-        layers = [conv(channels + num_attributes, 32, stride=1, bias=True), nn.ReLU()]
-        in_ch = 32
+        stages = [scaled(c, width) for c in DISCRIMINATOR_STAGES[image_size]]
+        in_ch, fc = scaled(32, width), scaled(512, width)
+        layers = [conv(channels + num_attributes, in_ch, stride=1, bias=True), nn.ReLU()]
         for out_ch in stages[:-1]:
             layers += conv_bn_relu(in_ch, out_ch, stride=2)
             in_ch = out_ch
@@ -119,8 +124,8 @@ class Discriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
             nn.BatchNorm2d(stages[-1], eps=CONV_BN_EPS), nn.ReLU(), nn.Flatten(),
-            nn.Linear(BASE_CHANNELS * BASE * BASE, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
-            nn.Linear(512, 1))
+            nn.Linear(stages[-1] * BASE * BASE, fc, bias=False), nn.BatchNorm1d(fc), nn.ReLU(),
+            nn.Linear(fc, 1))
 
     def forward(self, x, y=None, features_only=False):
         features = self.features(with_attribute_channels(x, y))
@@ -158,7 +163,8 @@ class VAEGAN(nn.Module):
     as constant channels appended to the image for the encoder (q(z | x, y)) and the discriminator.
     """
 
-    def __init__(self, kind="vaegan", image_size=64, channels=3, latent_size=128, fc_width=1024, attribute_names=()):
+    def __init__(self, kind="vaegan", image_size=64, channels=3, latent_size=128, fc_width=1024, attribute_names=(),
+                 width=1.0):
         super().__init__()
         if kind not in MODEL_KINDS:
             raise ValueError(f"model {kind!r} is not one of {', '.join(MODEL_KINDS)}")
@@ -172,9 +178,9 @@ class VAEGAN(nn.Module):
         self.attribute_names = list(attribute_names)
         a = len(self.attribute_names)
         base = base_kind(kind)
-        self.encoder = Encoder(image_size, channels, latent_size, fc_width, a) if base != "gan" else None
-        self.decoder = Decoder(image_size, channels, latent_size, a)
-        self.discriminator = Discriminator(image_size, channels, a) if base != "vae" else None
+        self.encoder = Encoder(image_size, channels, latent_size, fc_width, a, width) if base != "gan" else None
+        self.decoder = Decoder(image_size, channels, latent_size, a, width)
+        self.discriminator = Discriminator(image_size, channels, a, width) if base != "vae" else None
         init_weights(self)
 
     def networks(self):

@@ -41,7 +41,7 @@ def step_config(cfg, kernel_set):
 
 def build_model(cfg):
     model = VAEGAN(cfg.model, cfg.image_size, cfg.channels, cfg.latent_size, cfg.fc_width,
-                   cfg.attributes.split(",") if cfg.attributes else ())
+                   cfg.attributes.split(",") if cfg.attributes else (), cfg.width)
     if cfg.sync_bn:
         distributed.convert_to_global_batchnorm(model)
     return model
