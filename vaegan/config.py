@@ -49,6 +49,7 @@ class TrainConfig:
     equilibrium_value: float = 0.68
     margin: float = 0.35
     flip: bool = True
+    augment: str = "flip"   # the authors' augmentation is "authors" (PIL loader only, so far)
     sync_bn: bool = False
     seed: int = 0
     device: str = "auto"
@@ -174,6 +175,10 @@ def add_train_arguments(parser):
     a("--equilibrium-value", type=number("--equilibrium-value"), default=d.equilibrium_value,
       help="centre of the equilibrium rule (default: 0.68)")
     a("--margin", type=number("--margin", inclusive=True), default=d.margin, help="margin of the equilibrium rule (default: 0.35)")
+    a("--augment", choices=("authors", "flip", "none"), default=d.augment,
+      help="authors: the authors' augmentation of each image file before the crop (translation sigma 2 px, scale "
+           "and rotation sigma 0.01, gamma and contrast sigma 0.05, hue sigma 0.01; drawn from seed, step and slot) "
+           "and flips (PIL loader only); flip: horizontal flips only; none: nothing (default: flip)")
     a("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
     a("--sync-bn", action="store_true",
       help="BatchNorm statistics over the global batch across processes (default: each process's own batch)")

@@ -97,11 +97,15 @@ def step_noise(seed, step, global_batch, latent_size, rank, batch_size):
     return noise_seed, z_prior[lo:lo + batch_size]
 
 
-def resolve_loader(choice, device, dataset):
+def resolve_loader(choice, device, dataset, augment="flip"):
     """("pil" | "dali", a description): --loader dali that cannot run is an error."""
     from .data.dali import dali_unavailable_reason
     if choice == "pil" or (choice == "auto" and (device.type != "cuda" or dataset.in_memory)):
         return "pil", f"{'requested' if choice == 'pil' else 'default'}, {{workers}} workers"
+    if augment == "authors":  # not built in DALI yet
+        if choice == "dali":
+            raise ConfigError("--loader dali: --augment authors runs in the PIL loader only; use --loader pil")
+        return "pil", "default, as --augment authors runs in the PIL loader only; {workers} workers"
     reason = dali_unavailable_reason()
     if reason or dataset.in_memory:
         if choice == "dali":
@@ -113,11 +117,17 @@ def resolve_loader(choice, device, dataset):
 def open_loader(cfg, dataset, ctx, device, start_step):
     """(loader, its sampler, "pil" | "dali", description). A DALI pipeline that --loader auto chose
     but cannot be built gives way to the PIL loader, with the reason; --loader dali fails instead."""
-    kind, description = resolve_loader(cfg.loader, device, dataset)
+    flip = cfg.flip and cfg.augment != "none"
+    if cfg.augment == "authors":
+        if dataset.in_memory:
+            raise ConfigError("--augment authors augments image files before the crop; the built-in faces are held "
+                              "in memory, already cropped and resized: use --augment flip, or pass --data DIR")
+        dataset.augment = True
+    kind, description = resolve_loader(cfg.loader, device, dataset, cfg.augment)
     if kind == "dali":
         try:
             loader = DaliLoader(dataset, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step, cfg.steps,
-                                cfg.flip, device.type, device.index if device.type == "cuda" else None)
+                                flip, device.type, device.index if device.type == "cuda" else None)
             return loader, loader.sampler, "dali", description
         except Exception as e:
             if cfg.loader == "dali":
@@ -125,7 +135,7 @@ def open_loader(cfg, dataset, ctx, device, start_step):
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             kind, description = "pil", f"default, as the DALI pipeline could not be built ({message}); {{workers}} workers"
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
-                               cfg.steps, cfg.flip)
+                               cfg.steps, flip)
     loader = make_loader(dataset, sampler, cfg.workers, pin_memory=device.type == "cuda")
     return loader, sampler, "pil", description.format(workers=loader.num_workers)
 
@@ -292,6 +302,7 @@ def run(cfg, ctx, device, saved):
              + (f", {unused} left over each epoch (a different {unused} each time: only full global batches are used)"
                 if unused else ""))
     log(ctx, f"vaegan: device {device}, precision {cfg.precision}, loader {loader_kind} ({loader_reason}), "
+             f"augment {cfg.augment if cfg.flip or cfg.augment == 'none' else cfg.augment + ' without flips'}, "
              f"kernels {kernel_set} ({kernel_reason}), {ctx.world_size} process(es) x batch {cfg.batch_size}, "
              f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
     log(ctx, f"vaegan: step {fast_options.describe()}, optimizers {optimizer_impl} ({optimizer_reason})"

@@ -50,10 +50,10 @@ class _EncodedBatches:
 
     def __iter__(self):
         for batch in self.sampler:
-            paths = [self.dataset.paths[index] for index, _ in batch]
+            paths = [self.dataset.paths[index] for index, *_ in batch]
             self.in_flight.append(paths)
             encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
-            labels = np.array([2 * index + int(flip) for index, flip in batch], dtype=np.int32)
+            labels = np.array([2 * index + int(flip) for index, flip, *_ in batch], dtype=np.int32)
             yield encoded, labels
 
 

@@ -44,7 +44,7 @@ class InMemoryImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, item):
-        index, flip = item
+        index, flip = item[:2]
         return to_tensor(self.images[index], flip), self.attributes[index], ()
 
 
@@ -71,24 +71,29 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __init__(self, paths, image_size, channels, celeba, name, attributes=None, attribute_names=()):
         self.paths, self.image_size, self.channels, self.celeba, self.name = paths, image_size, channels, celeba, name
+        self.augment = False  # True: the authors' augmentation, drawn from each item's (seed, step, slot)
         self.attributes = attributes if attributes is not None else torch.zeros(len(paths), 0)
         self.attribute_names = list(attribute_names)
 
     def __len__(self):
         return len(self.paths)
 
-    def load(self, index):
+    def load(self, index, augmentation=None):
         path = self.paths[index]
         with Image.open(path) as image:
-            return preprocess(image, self.image_size, self.channels, self.celeba)
+            return preprocess(image, self.image_size, self.channels, self.celeba, augmentation)
 
     def __getitem__(self, item):
-        index, flip = item
+        index, flip = item[:2]
+        augmentation = None
+        if self.augment and len(item) > 2:
+            from .augment import draw
+            augmentation = draw(*item[2])
         unreadable = []
         for offset in range(len(self.paths)):
             candidate = (index + offset) % len(self.paths)
             try:
-                array = self.load(candidate)
+                array = self.load(candidate, augmentation)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 unreadable.append(f"{self.paths[candidate]} ({e})")
                 continue

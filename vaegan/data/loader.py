@@ -20,7 +20,8 @@ def epoch_generator(seed, epoch):
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Yields, for steps start..end-1, this rank's list of (image index, flip)."""
+    """Yields, for steps start..end-1, this rank's list of (image index, flip, (seed, step, slot)): the
+    last names the image's place in the run, from which its augmentation is drawn (vaegan/data/augment.py)."""
 
     def __init__(self, num_images, batch_size, rank, world_size, seed, start_step, end_step, flip=True):
         self.num_images, self.batch_size, self.rank, self.world_size = num_images, batch_size, rank, world_size
@@ -47,7 +48,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
             if epoch != cached_epoch:
                 cached_epoch, (order, flips) = epoch, self.epoch_order(epoch)
             start = position * self.global_batch + self.rank * self.batch_size
-            yield [(i, flips[i]) for i in order[start:start + self.batch_size]]
+            first_slot = self.rank * self.batch_size
+            yield [(i, flips[i], (self.seed, step, first_slot + j))
+                   for j, i in enumerate(order[start:start + self.batch_size])]
 
 
 def collate(samples):

@@ -23,13 +23,6 @@ def lowpass_sigma(shrink):
     return math.sqrt(shrink) / 2.0
 
 
-def centre_square(image):
-    w, h = image.size
-    side = min(w, h)
-    left, upper = (w - side) // 2, (h - side) // 2
-    return image.crop((left, upper, left + side, upper + side))
-
-
 @functools.lru_cache(maxsize=64)
 def _resize_matrix(source, size):
     """(size, source): scikit-image's order-3 spline resize (mode reflect, no anti-aliasing) along
@@ -39,8 +32,8 @@ def _resize_matrix(source, size):
 
 
 def lowpass_resize(array, size):
-    """uint8 (S, S, C) -> uint8 (size, size, C): the authors' blur and order-3 spline resize."""
-    image = array.astype(np.float64) / 255.0
+    """uint8 (S, S, C), or float in [0, 1] -> uint8 (size, size, C): the authors' blur and order-3 spline resize."""
+    image = array.astype(np.float64) / 255.0 if array.dtype == np.uint8 else array
     shrink = image.shape[0] / size
     if shrink > 1:  # scikit-image's gaussian: mode nearest, truncated at 4 sigma, channels apart
         sigma = lowpass_sigma(shrink)
@@ -55,15 +48,22 @@ def to_mode(image, channels):
     return image.convert("L" if channels == 1 else "RGB")
 
 
-def preprocess(image, size, channels, celeba):
-    """PIL image -> uint8 array (size, size, channels), cropped, low-passed and resized."""
+def preprocess(image, size, channels, celeba, augmentation=None):
+    """PIL image -> uint8 array (size, size, channels), cropped, low-passed and resized; with an
+    augmentation (vaegan/data/augment.py), the authors' augmentation first, on the whole image."""
     image = to_mode(image, channels)
-    if celeba:
-        if image.size != CELEBA_SIZE:
-            raise ValueError(f"is {image.size[0]}x{image.size[1]}, not the {CELEBA_SIZE[0]}x{CELEBA_SIZE[1]} "
-                             "of aligned CelebA")
-        image = image.crop(CELEBA_CROP)
-    else:
-        image = centre_square(image)
+    if celeba and image.size != CELEBA_SIZE:
+        raise ValueError(f"is {image.size[0]}x{image.size[1]}, not the {CELEBA_SIZE[0]}x{CELEBA_SIZE[1]} "
+                         "of aligned CelebA")
     array = np.asarray(image, dtype=np.uint8).reshape(image.size[1], image.size[0], channels)
-    return lowpass_resize(array, size)
+    if augmentation is not None:
+        from .augment import apply
+        array = apply(array / 255.0, augmentation)
+    height, width = array.shape[:2]
+    if celeba:
+        left, upper, right, lower = CELEBA_CROP
+    else:  # the centred square
+        side = min(width, height)
+        left, upper = (width - side) // 2, (height - side) // 2
+        right, lower = left + side, upper + side
+    return lowpass_resize(array[upper:lower, left:right], size)

@@ -54,7 +54,7 @@ class Indexed(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, item):
-        index, flip = item
+        index, flip = item[:2]
         return self.dataset[(self.indices[index], flip)]
 
 
