@@ -29,13 +29,21 @@ def _randn(generator, device, *shape, scale=1.0):
     return (scale * torch.randn(shape, generator=generator)).to(device)
 
 
-OPS = [
-    Op("reparam_kl", "reparam",
-       lambda g, d: ((_randn(g, d, 4, 37), _randn(g, d, 4, 37, scale=0.5)), (int(torch.randint(2 ** 31, (1,),
-                                                                                     generator=g)), 3))),
-    Op("feature_nll", "likelihood", lambda g, d: ((_randn(g, d, 3, 5, 7, 9),), (_randn(g, d, 3, 5, 7, 9),))),
-    Op("gan_loss", "gan", lambda g, d: ((_randn(g, d, 6, scale=3.0), _randn(g, d, 9, scale=3.0)), (0.5, 0.5))),
-]
+def _reparam_inputs(generator, device):
+    seed = int(torch.randint(2 ** 31, (1,), generator=generator))
+    return (_randn(generator, device, 4, 37), _randn(generator, device, 4, 37, scale=0.5)), (seed, 3)
+
+
+def _feature_inputs(generator, device):
+    return (_randn(generator, device, 3, 5, 7, 9),), (_randn(generator, device, 3, 5, 7, 9),)
+
+
+def _gan_inputs(generator, device):
+    return (_randn(generator, device, 6, scale=3.0), _randn(generator, device, 9, scale=3.0)), (0.5, 0.5)
+
+
+OPS = [Op("reparam_kl", "reparam", _reparam_inputs), Op("feature_nll", "likelihood", _feature_inputs),
+       Op("gan_loss", "gan", _gan_inputs)]
 
 
 def _relative_error(got, want):
