@@ -39,6 +39,7 @@ def test_run_writes_config_metrics_grids_tensorboard_and_a_loadable_model(tmp_pa
     assert lines[-1]["img_per_s"] > 0
     # the authors' annealing over the run's 4 steps: the rate of steps 2 and 4, as logged and as the optimizers hold it
     assert config["lr_schedule"] == "authors" and config["lr"] == pytest.approx(0.025 / 64)
+    assert config["lr_schedule_steps"] == 4
     assert [m["lr"] for m in lines] == [learning_rate("authors", config["lr"], s - 1, 4) for s in (2, 4)]
     assert lines[0]["lr"] < config["lr"] and lines[1]["lr"] < lines[0]["lr"]
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -69,7 +70,8 @@ def test_resume_continues_exactly(tmp_path):
                       "--checkpoint-every", "100"]
     whole, half = tmp_path / "whole", tmp_path / "half"
     assert run_train(common + ["--steps", "6", "--out", str(whole)]).returncode == 0
-    assert run_train(common + ["--steps", "3", "--out", str(half)]).returncode == 0
+    # the half run stops at 3 of the 6 steps its (annealed) learning rate spans
+    assert run_train(common + ["--steps", "3", "--lr-schedule-steps", "6", "--out", str(half)]).returncode == 0
     done = run_train(["--resume", str(half), "--steps", "6"])
     assert done.returncode == 0, done.stderr
     assert "resuming at step 3 of 6" in done.stderr
@@ -90,6 +92,8 @@ def test_resume_refuses_to_change_the_model_and_a_used_out_needs_resume(tmp_path
     assert run_train(SMALL + ["--steps", "1", "--out", str(out)]).returncode == 0
     done = run_train(["--resume", str(out), "--lr", "0.1"])
     assert done.returncode == 2 and "--lr cannot change when resuming" in done.stderr
+    done = run_train(["--resume", str(out), "--lr-schedule-steps", "9"])
+    assert done.returncode == 2 and "--lr-schedule-steps cannot change when resuming" in done.stderr
     done = run_train(SMALL + ["--steps", "1", "--out", str(out)])
     assert done.returncode == 2 and f"--resume {out}" in done.stderr
     done = run_train(["--resume", str(tmp_path / "nothing")])

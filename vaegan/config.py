@@ -37,6 +37,7 @@ class TrainConfig:
     steps: int = None       # default: 62,500 on real data, 150 on the built-in faces
     lr: float = AUTHORS_LR   # the start of the schedule: 0.025 / 64, the authors'
     lr_schedule: str = "authors"
+    lr_schedule_steps: int = None  # the steps the schedule spans; default: --steps at the run's start (kept on resume)
     optimizer: str = "rmsprop"
     weight_decay: float = 1e-5
     gamma: float = None     # default: 1e-6 (the authors'), 1e-3 on the built-in faces
@@ -79,6 +80,8 @@ class TrainConfig:
         for name, value in defaults.items():
             if values[name] is None:
                 values[name] = value
+        if values["lr_schedule_steps"] is None:
+            values["lr_schedule_steps"] = values["steps"]
         if values["out"] is None:
             values["out"] = f"runs/{self.model}-{time.strftime('%Y%m%d-%H%M%S')}"
         return TrainConfig(**values)
@@ -150,7 +153,10 @@ def add_train_arguments(parser):
       help="learning rate at the start (default: 0.025/64 = 3.9e-4, the authors')")
     a("--lr-schedule", choices=SCHEDULES, default=d.lr_schedule,
       help="authors: annealed as in the authors' code, lr * (1 - (e/250)^0.75 * (1 - 4e-4)) in 250 equal pieces "
-           "of --steps (3.9e-4 to 1.3e-6 at the default lr); constant: lr throughout (default: authors)")
+           "of --lr-schedule-steps (3.9e-4 to 1.3e-6 at the default lr); constant: lr throughout (default: authors)")
+    a("--lr-schedule-steps", type=positive_int("--lr-schedule-steps"), default=None,
+      help="the steps the schedule spans (default: --steps); fixed for the run's life: a resumed run with more "
+           "--steps keeps its schedule and continues at its last rate")
     a("--optimizer", choices=("rmsprop", "adam"), default=d.optimizer,
       help="rmsprop (alpha 0.9, eps 1e-8, the paper's) or adam (betas 0.5, 0.999) (default: rmsprop)")
     a("--weight-decay", type=number("--weight-decay", inclusive=True), default=d.weight_decay,

@@ -168,6 +168,7 @@ def resolve_kernels(choice, device, gan_loss_form="logits"):
 def merge_resumed_config(cfg, saved):
     """The saved run's configuration, with the options that may change taken from `cfg`."""
     values = dict(saved)
+    values.setdefault("lr_schedule_steps", saved.get("steps"))  # a run from before the option spans its --steps
     for name in getattr(cfg, "explicit", ()):
         if name in RESUMABLE_OVERRIDES:
             values[name] = getattr(cfg, name)
@@ -269,7 +270,7 @@ def run(cfg, ctx, device, saved):
             opt.load_state_dict(saved["optimizers"][name])
         start_step, skips, unreadable = saved["step"], dict(saved["skips"]), set(saved["unreadable"])
         torch.set_rng_state(saved["torch_rng"])
-    lr = learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.steps)
+    lr = learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps)
     set_learning_rate(optimizers, lr)  # (a resumed optimizer's saved lr may be a float or a tensor)
     distributed.broadcast_state(model, ctx)
     kernel_set, kernel_reason = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
@@ -380,7 +381,7 @@ def run(cfg, ctx, device, saved):
                 update["decoder"], update["discriminator"] = equilibrium_decisions(scfg, stats["real_cost"],
                                                                                    stats["fake_cost"])
             train_step.apply(update)
-            lr, previous_lr = learning_rate(cfg.lr_schedule, cfg.lr, step + 1, cfg.steps), lr
+            lr, previous_lr = learning_rate(cfg.lr_schedule, cfg.lr, step + 1, cfg.lr_schedule_steps), lr
             if lr != previous_lr:  # a tensor learning rate is filled in place: no recompile
                 set_learning_rate(optimizers, lr)
             for name in optimizers:
@@ -398,7 +399,7 @@ def run(cfg, ctx, device, saved):
                           "update_decoder": update["decoder"], "update_discriminator": update["discriminator"],
                           "skipped_decoder": interval_skips["decoder"],
                           "skipped_discriminator": interval_skips["discriminator"],
-                          "lr": learning_rate(cfg.lr_schedule, cfg.lr, step - 1, cfg.steps),
+                          "lr": learning_rate(cfg.lr_schedule, cfg.lr, step - 1, cfg.lr_schedule_steps),
                           "img_per_s": img_per_s, "unreadable_images": len(unreadable)}
                 if ctx.is_main:
                     with open(metrics_path, "a") as f:
