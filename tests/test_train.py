@@ -25,7 +25,7 @@ def metrics(run):
 
 def test_run_writes_config_metrics_grids_tensorboard_and_a_loadable_model(tmp_path):
     out = tmp_path / "run"
-    done = run_train(SMALL + SHORT + ["--out", str(out)])
+    done = run_train(SMALL + SHORT + ["--lr-schedule", "authors", "--out", str(out)])
     assert done.returncode == 0, done.stderr
     assert "device cpu, precision fp32, loader pil" in done.stderr
     config = json.loads((out / "config.json").read_text())
@@ -248,6 +248,9 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_are_a_clear_error(tmp_p
 
 
 def test_the_authors_learning_rate_schedule():
+    from vaegan.config import TrainConfig
+    assert TrainConfig(data="celeba").resolved().lr_schedule == "authors"
+    assert TrainConfig().resolved().lr_schedule == "constant"  # the built-in faces' demonstration preset
     lr = 0.025 / 64
     rates = [learning_rate("authors", lr, step, 62_500) for step in range(62_500)]
     assert rates[0] == lr == pytest.approx(3.906e-4, rel=1e-3)

@@ -168,6 +168,7 @@ def resolve_kernels(choice, device, gan_loss_form="logits"):
 def merge_resumed_config(cfg, saved):
     """The saved run's configuration, with the options that may change taken from `cfg`."""
     values = dict(saved)
+    values.setdefault("lr_schedule", "constant")  # runs from before the schedule trained at a constant rate
     values.setdefault("lr_schedule_steps", saved.get("steps"))  # a run from before the option spans its --steps
     for name in getattr(cfg, "explicit", ()):
         if name in RESUMABLE_OVERRIDES:
