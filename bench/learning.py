@@ -108,8 +108,8 @@ def main():
     network = inception.load_inception()
     real = inception.inception_features(network, real_batches(heldout, n_eval, 100), n_eval,
                                         desc="held-out images").numpy()
-    originals = torch.stack([heldout[(i, False)][0] for i in range(16)])
     everything = torch.stack([heldout[(i, False)][0] for i in range(len(heldout))])
+    originals = everything[:16]
     real_sharpness = laplacian_rms(everything)
     results = {}
     every = args.steps // CHECKPOINTS

@@ -64,25 +64,20 @@ def scale_grad(x, scale):
     return x if scale == 1 else _ScaleGrad.apply(x, scale)
 
 
-def _scratch_buffers(module):
-    # BatchNorm updates its running statistics in place: on copies, they are thrown away
-    return {name: b.clone() for name, b in module.named_buffers()}
+def extra_pass(module, *args, detach=False, **kwargs):
+    """Call `module` leaving its BatchNorm running statistics as they were (they are updated on
+    copies, thrown away). The authors keep a separate copy of a network for each extra use (the
+    decoder on prior samples, the discriminator for Dis_l), so the statistics the test-time model
+    uses come from one pass: the decoder's from the reconstructions, the discriminator's from the
+    GAN pass. detach: the parameters are detached too (gradients reach the inputs, not the weights)."""
+    params = {name: p.detach() if detach else p for name, p in module.named_parameters()}
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
+    return torch.func.functional_call(module, {**params, **buffers}, args, kwargs)
 
 
 def frozen(module, *args, **kwargs):
-    """Call `module` with its parameters detached: gradients reach the inputs, not the weights.
-    Its BatchNorm running statistics are left as they were (an extra pass, not the one they keep)."""
-    params = {name: p.detach() for name, p in module.named_parameters()}
-    return torch.func.functional_call(module, {**params, **_scratch_buffers(module)}, args, kwargs)
-
-
-def extra_pass(module, *args, **kwargs):
-    """Call `module` as usual (gradients reach its weights), leaving its BatchNorm running statistics
-    as they were. The authors keep a separate copy of a network for each extra use (the decoder on
-    prior samples, the discriminator for Dis_l), so the statistics the test-time model uses come
-    from one pass: the decoder's from the reconstructions, the discriminator's from the GAN pass."""
-    return torch.func.functional_call(module, {**dict(module.named_parameters()), **_scratch_buffers(module)},
-                                      args, kwargs)
+    """An extra pass with the parameters detached: gradients reach the inputs, not the weights."""
+    return extra_pass(module, *args, detach=True, **kwargs)
 
 
 def decoder_llike_weight(cfg):

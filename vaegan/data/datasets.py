@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageFile
 
 from ..models import check_image_size
+from .augment import draw as draw_augmentation
 from .preprocess import preprocess
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
@@ -85,10 +86,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, flip = item[:2]
-        augmentation = None
-        if self.augment and len(item) > 2:
-            from .augment import draw
-            augmentation = draw(*item[2])
+        augmentation = draw_augmentation(*item[2]) if self.augment and len(item) > 2 else None
         unreadable = []
         for offset in range(len(self.paths)):
             candidate = (index + offset) % len(self.paths)

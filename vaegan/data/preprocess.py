@@ -14,6 +14,8 @@ import numpy as np
 from scipy import ndimage
 from skimage import transform
 
+from . import augment
+
 CELEBA_SIZE = (178, 218)  # (width, height) of img_align_celeba
 CELEBA_CROP = (15, 40, 163, 188)  # (left, upper, right, lower): rows 40..188, columns 15..163
 
@@ -57,8 +59,7 @@ def preprocess(image, size, channels, celeba, augmentation=None):
                          "of aligned CelebA")
     array = np.asarray(image, dtype=np.uint8).reshape(image.size[1], image.size[0], channels)
     if augmentation is not None:
-        from .augment import apply
-        array = apply(array / 255.0, augmentation)
+        array = augment.apply(array / 255.0, augmentation)
     height, width = array.shape[:2]
     if celeba:
         left, upper, right, lower = CELEBA_CROP
