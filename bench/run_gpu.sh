@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a lent GPU should run, in stages that each fit one command of the device tool (10 minutes):
 #
-#   bash bench/run_gpu.sh preflight tests          # one call
+#   bash bench/run_gpu.sh preflight tests          # one call (kerneltests: tests/test_kernels.py alone)
 #   bash bench/run_gpu.sh kernels loaders          # the next
 #   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each)
 #   bash bench/run_gpu.sh train                    # 300 real steps, fastest configuration
@@ -72,6 +72,10 @@ EOF
   return $rc
 }
 
+kerneltests() {  # the fused kernels against their references, compiled for the GPU (bf16 too)
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+}
+
 tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 too), routing in every mode
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_step.py tests/test_fast.py
 }
@@ -87,7 +91,7 @@ train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs,
   [ -d "$data/img_align_celeba" ] || python3 -c "import sys; sys.path.insert(0, 'tests'); \
     from datagen import make_celeba; make_celeba('$data', n=8192)"
   rm -rf .cache/train-run
-  python3 train.py --data "$data" --steps 300 --batch-size 256 --precision bf16 --compile --cuda-graphs \
+  python3 train.py --data "$data" --steps ${TRAIN_STEPS:-300} --batch-size 256 --precision bf16 --compile --cuda-graphs \
     --workers "$cores" --log-every 50 --sample-every 300 --checkpoint-every 300 --out .cache/train-run 2>&1 \
     | tr '\r' '\n' | grep -v "it/s\]$"
   local rc=${PIPESTATUS[0]}
@@ -95,7 +99,7 @@ train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs,
   return $rc
 }
 
-export -f preflight tests bench train
+export -f preflight kerneltests tests bench train
 export out stamp device cores
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && { sed -n 2,16p "$0"; exit 2; }
@@ -104,10 +108,11 @@ for stage in "${stages[@]}"; do
   case $stage in
     preflight) run_stage preflight preflight ;;
     tests) run_stage tests tests ;;
+    kerneltests) run_stage kerneltests kerneltests ;;
     kernels) run_stage kernels bench kernels bench/test_kernels.py ;;
     loaders) run_stage loaders bench loaders bench/test_loaders.py ;;
     step64|step256|step512) VAEGAN_BENCH_BATCHES=${stage#step} run_stage "$stage" bench "$stage" bench/test_step.py ;;
     train) run_stage train train ;;
-    *) echo "unknown stage $stage (preflight tests kernels loaders step64 step256 step512 train all)"; exit 2 ;;
+    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 train all)"; exit 2 ;;
   esac
 done
