@@ -38,8 +38,8 @@ run_stage() {  # $1: the stage; the rest: the command
   local stage=$1; shift
   local file="$out/gpu-$stamp-$device-$stage"
   echo "== $stage -> $file.txt"
-  { header "$stage"; timeout "$limit" bash -c '"$@"' _ "$@" 2>&1; local rc=$?
-    [ $rc -eq 124 ] && echo "TIMED OUT after $limit s"; echo "exit status: $rc"; } | tr '\r' '\n' | tee "$file.txt" | tail -15
+  { header "$stage"; timeout -s INT -k 20 "$limit" bash -c '"$@"' _ "$@" 2>&1; local rc=$?
+    [ $rc -eq 124 ] || [ $rc -eq 130 ] && echo "TIMED OUT after $limit s"; echo "exit status: $rc"; } | tr '\r' '\n' | tee "$file.txt" | tail -15
 }
 
 preflight() {
@@ -91,10 +91,12 @@ train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs,
   [ -d "$data/img_align_celeba" ] || python3 -c "import sys; sys.path.insert(0, 'tests'); \
     from datagen import make_celeba; make_celeba('$data', n=8192)"
   rm -rf .cache/train-run
-  python3 train.py --data "$data" --steps ${TRAIN_STEPS:-300} --batch-size 256 --precision bf16 --compile --cuda-graphs \
-    --workers "$cores" --log-every 50 --sample-every 300 --checkpoint-every 300 --out .cache/train-run 2>&1 \
-    | tr '\r' '\n' | grep -v "it/s\]$"
-  local rc=${PIPESTATUS[0]}
+  local log="$out/gpu-$stamp-$device-train-raw.log"  # written as it runs: kept when the stage is stopped
+  TORCH_LOGS=${TORCH_LOGS:-recompiles} python3 train.py --data "$data" --steps ${TRAIN_STEPS:-300} --batch-size 256 \
+    --precision bf16 --compile --cuda-graphs --workers "$cores" --log-every 25 --sample-every 300 \
+    --checkpoint-every 300 --out .cache/train-run >"$log" 2>&1
+  local rc=$?
+  tr '\r' '\n' <"$log" | grep -v "it/s\]$"
   cp .cache/train-run/metrics.jsonl "$out/gpu-$stamp-$device-train-metrics.jsonl" 2>/dev/null
   return $rc
 }

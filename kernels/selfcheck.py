@@ -26,11 +26,12 @@ class Op:
 
 
 def _randn(generator, device, *shape, scale=1.0):
-    return (scale * torch.randn(shape, generator=generator)).to(device)
+    # drawn on the CPU, whatever torch's default device is, then moved
+    return (scale * torch.randn(shape, generator=generator, device="cpu")).to(device)
 
 
 def _reparam_inputs(generator, device):
-    seed = int(torch.randint(2 ** 31, (1,), generator=generator))
+    seed = int(torch.randint(2 ** 31, (1,), generator=generator, device="cpu"))
     return (_randn(generator, device, 4, 37), _randn(generator, device, 4, 37, scale=0.5)), (seed, 3)
 
 

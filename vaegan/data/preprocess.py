@@ -11,6 +11,7 @@ import functools
 import math
 
 import numpy as np
+import torch
 from scipy import ndimage
 from skimage import transform
 
@@ -40,8 +41,11 @@ def lowpass_resize(array, size):
     if shrink > 1:  # scikit-image's gaussian: mode nearest, truncated at 4 sigma, channels apart
         sigma = lowpass_sigma(shrink)
         image = ndimage.gaussian_filter(image, (sigma, sigma, 0), mode="nearest", truncate=4.0)
-    resize = _resize_matrix(image.shape[0], size)
-    resized = np.stack([resize @ image[..., c] @ resize.T for c in range(image.shape[2])], axis=-1)
+    # torch, not numpy, multiplies: a DataLoader worker runs torch on one thread, where numpy's BLAS
+    # would start a thread per core in every worker
+    resize = torch.from_numpy(_resize_matrix(image.shape[0], size))
+    channels_first = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    resized = (resize @ channels_first @ resize.T).permute(1, 2, 0).numpy()
     resized = np.clip(resized, image.min(), image.max())  # scikit-image clips to the input's range
     return (resized * 255).astype(np.uint8)
 
