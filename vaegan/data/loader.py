@@ -60,8 +60,11 @@ def collate(samples):
     return images, attributes, unreadable
 
 
+PREFETCH_PER_WORKER = 4  # batches each worker keeps ready
+
+
 def make_loader(dataset, sampler, workers, pin_memory=False):
     workers = 0 if dataset.in_memory else workers
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                        collate_fn=collate, pin_memory=pin_memory,
-                                       prefetch_factor=4 if workers else None)
+                                       prefetch_factor=PREFETCH_PER_WORKER if workers else None)
