@@ -65,7 +65,15 @@ def test_training_with_the_authors_augmentation_and_what_it_refuses(tmp_path):
     done = run_train(args + ["--out", str(tmp_path / "run")])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "augment authors" in done.stderr
-    done = run_train(args + ["--loader", "dali", "--out", str(tmp_path / "dali")])
-    assert done.returncode == 2 and "--augment authors runs in the PIL loader only" in done.stderr
     done = run_train(SMALL + ["--steps", "1", "--augment", "authors", "--out", str(tmp_path / "faces")])
     assert done.returncode == 2 and "the built-in faces are held in memory" in done.stderr
+    done = run_train(SMALL + ["--steps", "1", "--out", str(tmp_path / "faces")])  # their preset flips
+    assert done.returncode == 0 and "augment flip" in done.stderr, done.stderr[-3000:]
+
+
+def test_a_run_from_before_the_option_resumes_with_flips_only():
+    from vaegan.config import TrainConfig
+    from vaegan.trainer import merge_resumed_config
+    saved = {k: v for k, v in vars(TrainConfig(data="x").resolved()).items() if k != "augment"}
+    assert merge_resumed_config(TrainConfig(), saved).augment == "flip"
+    assert TrainConfig(data="x").resolved().augment == "authors"

@@ -1,4 +1,6 @@
 """The DALI loader in its CPU mode (device_id=None, CPU operators) against PIL."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -107,7 +109,8 @@ def test_training_with_the_dali_loader_on_cpu(tmp_path):
     args = SMALL + ["--data", str(tmp_path / "data"), "--steps", "2", "--log-every", "1", "--out", str(out)]
     done = run_train(args + ["--loader", "dali"])
     assert done.returncode == 0, done.stderr
-    assert "loader dali (CPU operators)" in done.stderr
+    assert "loader dali (CPU operators)" in done.stderr and "augment authors" in done.stderr  # the default on real data
+    assert json.load(open(out / "config.json"))["augment"] == "authors"
     done = run_train(SMALL + ["--steps", "1", "--loader", "dali", "--out", str(tmp_path / "faces")])
     assert done.returncode == 2 and "--loader dali: the built-in faces are held in memory" in done.stderr
 
@@ -166,3 +169,56 @@ def test_dali_preprocessing_follows_the_authors_on_real_photographs(tmp_path):
         difference = np.abs(got - want)
         assert difference.mean() < 1 and np.percentile(difference, 99) <= 6, dataset.paths[index]
         assert abs(laplacian_rms(got) / laplacian_rms(want) - 1) < 0.05, dataset.paths[index]  # as sharp
+
+
+@pytest.mark.parametrize("layout", ["photographs", "folder"])
+def test_the_authors_augmentation_in_dali_follows_the_pil_loader(tmp_path, layout):
+    # the same (seed, step, slot) draws the same augmentation in both loaders; DALI warps with
+    # linear interpolation where the PIL loader uses scikit-image's order-3 spline
+    if layout == "photographs":
+        make_celeba_from_photographs(tmp_path)
+        dataset = build_dataset(str(tmp_path), "train", 64, 3)
+    else:
+        make_folder(tmp_path, n=12)  # grey, centred squares, some enlarged
+        dataset = build_dataset(str(tmp_path), "train", 32, 1)
+    dataset.augment = True
+    batch = min(len(dataset), 8)
+    dali = batches(DaliLoader(dataset, batch, 0, 1, seed=3, start_step=4, end_step=6))
+    pil = batches(make_loader(dataset, StepBatchSampler(len(dataset), batch, 0, 1, 3, 4, 6), 0))
+    dataset.augment = False
+    plain = batches(make_loader(dataset, StepBatchSampler(len(dataset), batch, 0, 1, 3, 4, 6), 0))
+    for (a, _), (b, _), (c, _) in zip(dali, pil, plain):
+        difference = (a - b).abs()
+        assert difference.mean() < LEVEL and torch.quantile(difference, 0.99) <= 6 * LEVEL
+        assert (b - c).abs().mean() > 10 * difference.mean()  # the augmentation changed the images: the match is not trivial
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_the_dali_colour_changes_are_the_authors_on_fresh_images(channels):
+    # far larger changes than the authors draw, so that a wrong sign or sextant could not hide
+    from nvidia.dali import fn, pipeline_def
+
+    from vaegan.data import augment
+    from vaegan.data.dali import _authors_colour, augmentation_inputs
+    rng = np.random.default_rng()
+    images = [rng.random((17, 23, channels)).astype(np.float32) for _ in range(4)]
+    images[0][:4, :4] = 0.4  # grey pixels (no chroma)
+    images[0][4:8, :4, :2] = 0.9  # ties for the largest channel
+    images[1][:3] = 0.0  # black
+    drawn = [augment.Augmentation((0, 0), 1, 0, rng.uniform(0.6, 1.6), rng.uniform(0.6, 1.6), rng.uniform(-0.5, 0.5))
+             for _ in images]
+    names = augmentation_inputs(channels)
+
+    def source():
+        yield (images, *([np.float32(getattr(a, name)) for a in drawn] for name in names))
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
+    def pipeline():
+        batch, *values = fn.external_source(source=source, num_outputs=1 + len(names), batch=True, layout=["HWC"] + [""] * len(names))
+        return _authors_colour(batch, channels=channels, **dict(zip(names, values)))
+    pipe = pipeline()
+    pipe.build()
+    (out,) = pipe.run()
+    for i, (image, a) in enumerate(zip(images, drawn)):
+        want = augment.colour(image.astype(np.float64), a)
+        assert np.abs(np.array(out.at(i)) - want).max() < 1e-5

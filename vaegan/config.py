@@ -14,9 +14,9 @@ DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 # at the paper's 1e-6 the decoder learns mostly from the GAN term and needs far longer).
 # Over 150 steps the authors' annealing leaves too few steps at a useful rate: the preset keeps it constant.
 BUILTIN_PRESET = {"image_size": 32, "channels": 1, "steps": 150, "batch_size": 32, "gamma": 1e-3,
-                  "lr_schedule": "constant"}
+                  "lr_schedule": "constant", "augment": "flip"}
 REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_REAL_DATA, "batch_size": 64,
-                      "gamma": 1e-6, "lr_schedule": "authors"}
+                      "gamma": 1e-6, "lr_schedule": "authors", "augment": "authors"}
 
 
 def default_workers():
@@ -52,7 +52,7 @@ class TrainConfig:
     equilibrium_value: float = 0.68
     margin: float = 0.35
     flip: bool = True
-    augment: str = "flip"   # the authors' augmentation is "authors" (PIL loader only, so far)
+    augment: str = None     # default: authors (flip on the built-in faces, which are held already cropped)
     sync_bn: bool = False
     seed: int = 0
     device: str = "auto"
@@ -187,7 +187,8 @@ def add_train_arguments(parser):
     a("--augment", choices=("authors", "flip", "none"), default=d.augment,
       help="authors: the authors' augmentation of each image file before the crop (translation sigma 2 px, scale "
            "and rotation sigma 0.01, gamma and contrast sigma 0.05, hue sigma 0.01; drawn from seed, step and slot) "
-           "and flips (PIL loader only); flip: horizontal flips only; none: nothing (default: flip)")
+           "and flips, in either loader; flip: horizontal flips only; none: nothing (default: authors; flip on the "
+           "built-in faces)")
     a("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
     a("--sync-bn", action="store_true",
       help="BatchNorm statistics over the global batch across processes (default: each process's own batch)")

@@ -97,15 +97,11 @@ def step_noise(seed, step, global_batch, latent_size, rank, batch_size):
     return noise_seed, z_prior[lo:lo + batch_size]
 
 
-def resolve_loader(choice, device, dataset, augment="flip"):
+def resolve_loader(choice, device, dataset):
     """("pil" | "dali", a description): --loader dali that cannot run is an error."""
     from .data.dali import dali_unavailable_reason
     if choice == "pil" or (choice == "auto" and (device.type != "cuda" or dataset.in_memory)):
         return "pil", f"{'requested' if choice == 'pil' else 'default'}, {{workers}} workers"
-    if augment == "authors":  # not built in DALI yet
-        if choice == "dali":
-            raise ConfigError("--loader dali: --augment authors runs in the PIL loader only; use --loader pil")
-        return "pil", "default, as --augment authors runs in the PIL loader only; {workers} workers"
     reason = dali_unavailable_reason()
     if reason or dataset.in_memory:
         if choice == "dali":
@@ -123,7 +119,7 @@ def open_loader(cfg, dataset, ctx, device, start_step):
             raise ConfigError("--augment authors augments image files before the crop; the built-in faces are held "
                               "in memory, already cropped and resized: use --augment flip, or pass --data DIR")
         dataset.augment = True
-    kind, description = resolve_loader(cfg.loader, device, dataset, cfg.augment)
+    kind, description = resolve_loader(cfg.loader, device, dataset)
     if kind == "dali":
         try:
             loader = DaliLoader(dataset, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step, cfg.steps,
@@ -170,6 +166,7 @@ def merge_resumed_config(cfg, saved):
     values = dict(saved)
     values.setdefault("lr_schedule", "constant")  # runs from before the schedule trained at a constant rate
     values.setdefault("lr_schedule_steps", saved.get("steps"))  # a run from before the option spans its --steps
+    values.setdefault("augment", "flip")  # runs from before --augment flipped and did nothing else
     for name in getattr(cfg, "explicit", ()):
         if name in RESUMABLE_OVERRIDES:
             values[name] = getattr(cfg, name)

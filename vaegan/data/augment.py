@@ -39,14 +39,31 @@ def draw(seed, step, slot):
                         rng.normal(0.0, SIGMAS["hue"]))
 
 
-def apply(image, a):
-    """float (H, W, C) in [0, 1] -> the augmented float image, C = 3 (RGB) or 1 (grey: no hue)."""
-    centre = np.array(image.shape[:2]) / 2.0
-    warp = (transform.SimilarityTransform(translation=-centre)
+def inverse_map(a, shape):
+    """The warp as the authors give it to scikit-image's warp: output (x, y) -> input (x, y), pixel
+    centres at integers. Like theirs, it takes the centre and the translation in (rows, columns)."""
+    centre = np.array(shape[:2]) / 2.0
+    return (transform.SimilarityTransform(translation=-centre)
             + transform.SimilarityTransform(scale=a.scale, rotation=a.rotation)
             + transform.SimilarityTransform(translation=centre + np.array(a.translation)))
-    image = transform.warp(image, warp, order=3, mode="edge")  # the authors pass it as warp's inverse map
-    image = np.clip(image, 0.0, 1.0) ** a.gamma
+
+
+def pixel_span_matrix(a, shape):
+    """inverse_map as a 2x3 float32 matrix for DALI's warp_affine, where pixel i spans [i, i + 1)."""
+    to_span = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    from_span = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
+    return (to_span @ inverse_map(a, shape).params @ from_span)[:2].astype(np.float32)
+
+
+def apply(image, a):
+    """float (H, W, C) in [0, 1] -> the augmented float image, C = 3 (RGB) or 1 (grey: no hue)."""
+    image = transform.warp(image, inverse_map(a, image.shape), order=3, mode="edge")
+    return colour(np.clip(image, 0.0, 1.0), a)
+
+
+def colour(image, a):
+    """float (H, W, C) in [0, 1]: the gamma, then the power of saturation and value and the hue shift."""
+    image = image ** a.gamma
     if image.shape[2] == 1:  # grey: value only
         return image ** a.contrast
     hsv = color.rgb2hsv(image)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import augment
 from .datasets import DataError
 from .loader import StepBatchSampler
 from .preprocess import CELEBA_CROP, CELEBA_SIZE, lowpass_sigma
@@ -54,7 +55,57 @@ class _EncodedBatches:
             self.in_flight.append(paths)
             encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
             labels = np.array([2 * index + int(flip) for index, flip, *_ in batch], dtype=np.int32)
-            yield encoded, labels
+            if not self.dataset.augment:
+                yield encoded, labels
+                continue
+            drawn = [augment.draw(*place) for _, _, place in batch]
+            matrices = [augment.pixel_span_matrix(a, _image_shape(path)) for a, path in zip(drawn, paths)]
+            yield (encoded, labels, matrices, *([np.float32(getattr(a, name)) for a in drawn]
+                                                for name in augmentation_inputs(self.dataset.channels)))
+
+
+def augmentation_inputs(channels):
+    """The drawn values the pipeline takes besides the warp (grey images have no hue)."""
+    return ("gamma", "contrast", "hue") if channels == 3 else ("gamma", "contrast")
+
+
+def _image_shape(path):
+    """(height, width) from the file's header (PIL reads no pixels for this)."""
+    try:
+        with Image.open(path) as image:
+            return image.size[1], image.size[0]
+    except Exception:  # DALI's decoder names the bad file when it meets it
+        return CELEBA_SIZE[1], CELEBA_SIZE[0]
+
+
+def _authors_colour(images, gamma, contrast, channels, hue=None):
+    """vaegan/data/augment.py's colour changes in DALI arithmetic, on float images in [0, 1]: a
+    gamma, then a power of HSV's saturation and value and a hue shift, written as the
+    HSV -> RGB formula channel = V - V * S * clamp(min(k, 4 - k), 0, 1), k = (n + 6 * hue) mod 6
+    with n = 5, 3, 1 for red, green, blue (exact, with no table of sextants)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dali_math
+
+    images = dali_math.pow(images, gamma)
+    if channels == 1:
+        return dali_math.pow(images, contrast)
+    red, green, blue = images[:, :, 0:1], images[:, :, 1:2], images[:, :, 2:3]
+    value = fn.reductions.max(images, axis_names="C", keep_dims=True)
+    chroma = value - fn.reductions.min(images, axis_names="C", keep_dims=True)
+    safe_chroma = dali_math.max(chroma, 1e-12)
+    red_max = fn.cast(red >= value, dtype=types.FLOAT)
+    green_max = fn.cast(green >= value, dtype=types.FLOAT) * (1.0 - red_max)
+    blue_max = 1.0 - red_max - green_max
+    hue6 = (red_max * (green - blue) / safe_chroma + green_max * (2.0 + (blue - red) / safe_chroma)
+            + blue_max * (4.0 + (red - green) / safe_chroma) + 6.0 * hue)
+    saturation = dali_math.pow(chroma / dali_math.max(value, 1e-12), contrast)
+    value = dali_math.pow(value, contrast)
+
+    def channel(n):
+        k = n + hue6
+        k = k - 6.0 * dali_math.floor(k / 6.0)
+        return value - value * saturation * dali_math.clamp(dali_math.min(k, 4.0 - k), 0.0, 1.0)
+    return fn.cat(channel(5.0), channel(3.0), channel(1.0), axis=2)
 
 
 def _build_pipeline(source, dataset, batch_size, device, device_id):
@@ -67,10 +118,24 @@ def _build_pipeline(source, dataset, batch_size, device, device_id):
     @pipeline_def(batch_size=batch_size, num_threads=DALI_THREADS, device_id=device_id,
                   prefetch_queue_depth=PREFETCH)
     def pipeline():
-        encoded, label = fn.external_source(source=source, num_outputs=2, batch=True,
-                                            dtype=[types.UINT8, types.INT32])
+        if dataset.augment:
+            names = augmentation_inputs(channels)
+            encoded, label, matrix, *drawn = fn.external_source(
+                source=source, num_outputs=3 + len(names), batch=True,
+                dtype=[types.UINT8, types.INT32] + [types.FLOAT] * (1 + len(names)))
+            drawn = dict(zip(names, drawn))
+        else:
+            encoded, label = fn.external_source(source=source, num_outputs=2, batch=True,
+                                                dtype=[types.UINT8, types.INT32])
         images = fn.decoders.image(encoded, device=decoder_device,
                                    output_type=types.GRAY if channels == 1 else types.RGB)
+        if dataset.augment:  # the authors' augmentation, on the whole image (vaegan/data/augment.py)
+            # DALI's warp interpolates linearly (scikit-image's order-3 spline in the PIL loader; the
+            # blur and the resize that follow leave less than a grey level of difference: a test)
+            images = fn.warp_affine(images, matrix=matrix, inverse_map=True, interp_type=types.INTERP_LINEAR,
+                                    dtype=types.FLOAT, device=op_device)
+            images = _authors_colour(dali_math.clamp(images / 255.0, 0.0, 1.0), channels=channels, **drawn)
+            images = images * 255.0
         if dataset.celeba:
             left, upper, right, _ = CELEBA_CROP
             side = right - left
@@ -93,6 +158,8 @@ def _build_pipeline(source, dataset, batch_size, device, device_id):
         # is a cubic convolution, not scikit-image's spline: a test holds the two together
         images = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=False,
                            device=op_device)
+        if dataset.augment:  # float from the augmentation on: truncated to grey levels, as the PIL loader does
+            images = dali_math.floor(dali_math.clamp(images, 0.0, 255.0))
         images = fn.crop_mirror_normalize(images, mirror=label % 2, mean=[127.5], std=[127.5],
                                           output_layout="CHW", dtype=types.FLOAT, device=op_device)
         return images, label
