@@ -58,14 +58,14 @@ def philox_words(seed, offsets):
 def _uniform(words):
     signed = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
     folded = torch.where(signed < 0, -signed - 1, signed)
-    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+    return folded.to(torch.float32) * UNIFORM_SCALE  # a Python scalar, not a CPU tensor: compiled graphs stay on the device
 
 
 def randn(seed, offsets):
     """float32 normals equal (to float rounding of log/cos) to tl.randn(seed, offsets)."""
     w1, w2 = philox_words(seed, offsets)
     u1 = torch.clamp(_uniform(w1), min=1.0e-7)
-    theta = torch.tensor(2 * math.pi, dtype=torch.float32) * _uniform(w2)
+    theta = (2 * math.pi) * _uniform(w2)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
 
 
@@ -76,3 +76,14 @@ def rows_randn(seed, rows, columns, row_offset=0, device="cpu"):
     r = torch.arange(rows, device=device, dtype=torch.int64).unsqueeze(1) + row_offset
     c = torch.arange(columns, device=device, dtype=torch.int64).unsqueeze(0)
     return randn(seed, r * columns + c)
+
+
+def step_noise(run_seed, step, batch, columns, global_batch, row_offset=0):
+    """(noise_seed, z_prior) of one training step, drawn on step's device without synchronising.
+
+    step: a one-element int64 tensor. noise_seed = Philox(key run_seed, counter step): the key of
+    the step's reparameterisation noise (rows 0 .. global_batch - 1 of its stream). The prior codes
+    are rows global_batch + row_offset .. of the same stream: a rank's slice of the global batch's,
+    the same whatever the number of processes."""
+    noise_seed = philox_words(run_seed, step.reshape(1))[0] % SEED_LIMIT
+    return noise_seed, rows_randn(noise_seed, batch, columns, global_batch + row_offset, device=step.device)

@@ -69,9 +69,15 @@ def resolve_optimizer_impl(choice, optimizer, device_type):
 def make_optimizer(kind, impl, groups, lr, tensor_lr):
     """RMSprop (alpha 0.9, eps 1e-8) or Adam (betas 0.5, 0.999) with coupled L2 decay, in `impl`.
 
-    tensor_lr: the learning rate as a tensor, so that a compiled step does not recompile when it changes."""
-    lr_value = torch.tensor(lr) if tensor_lr else lr
+    tensor_lr: the learning rate as a tensor on the parameters' device, so that a compiled step
+    neither recompiles when it changes nor holds a CPU constant. On CUDA the for-loop and foreach
+    forms are capturable (their step counts live on the GPU: masked_step and CUDA graphs need no
+    host value)."""
+    first = next(p for g in groups for p in (g["params"] if isinstance(g, dict) else [g]))
+    lr_value = torch.tensor(lr, device=first.device) if tensor_lr else lr
     flags = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
+    if first.is_cuda and impl in ("for-loop", "foreach"):
+        flags["capturable"] = True
     if kind == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr_value, alpha=0.9, eps=1e-8, **flags)
     if impl == "apex":
@@ -90,6 +96,33 @@ def set_learning_rate(optimizers, lr):
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
+
+
+def reset_learning_rate(optimizers, lr, tensor_lr):
+    """After loading a state dict (whose saved rate may be a float, or a tensor on another device):
+    the rate `lr`, as make_optimizer would hold it."""
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            device = group["params"][0].device if group["params"] else "cpu"
+            group["lr"] = torch.tensor(lr, device=device) if tensor_lr else lr
+
+
+def masked_step(optimizer, update):
+    """optimizer.step(), kept only where `update` (a 0-d bool tensor) is True: otherwise every
+    parameter and every state tensor is left exactly as it was (RMSprop's running average does not
+    decay; Adam's step count does not advance). Decided on the device: no synchronisation. State the
+    optimizer creates on its first step counts as zeros before it (as torch's optimizers start)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    before = [(p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)})
+              for p in params]
+    optimizer.step()
+    with torch.no_grad():
+        for p, (old, old_state) in zip(params, before):
+            p.copy_(torch.where(update, p, old))
+            for key, value in optimizer.state[p].items():
+                if torch.is_tensor(value):
+                    was = old_state[key] if key in old_state else torch.zeros_like(value)
+                    value.copy_(torch.where(update, value, was))
 
 
 def check_fast_options(options, device_type, collectives_in_forward=False):

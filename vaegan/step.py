@@ -301,3 +301,18 @@ def equilibrium_decisions(cfg, real_cost, fake_cost):
     if not update_dis and not update_dec:
         return True, True
     return update_dec, update_dis
+
+
+def equilibrium_masks(cfg, real_cost, fake_cost):
+    """equilibrium_decisions on the device: 0-d bool tensors (update_decoder, update_discriminator),
+    from the costs as tensors, with no synchronisation."""
+    if not cfg.equilibrium or cfg.kind in ("vae",):
+        yes = torch.ones((), dtype=torch.bool, device=real_cost.device)
+        return yes, yes
+    low, high = cfg.equilibrium_value - cfg.margin, cfg.equilibrium_value + cfg.margin
+    update_dis = ~((real_cost < low) | (fake_cost < low))
+    update_dec = ~((real_cost > high) | (fake_cost > high))
+    if cfg.kind == "vae-disl":
+        return torch.ones_like(update_dec), update_dis
+    neither = ~update_dis & ~update_dec
+    return update_dec | neither, update_dis | neither
