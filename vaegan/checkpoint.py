@@ -71,3 +71,54 @@ def load(path, map_location="cpu"):
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a vaegan checkpoint of format {FORMAT_VERSION}")
     return state
+
+
+def snapshot(value):
+    """A copy of `value` (nested dicts/lists/tuples of tensors and plain values) on the CPU, taken
+    at this point of the device's stream: the copies are queued (non-blocking), so the caller does
+    not wait; what later steps change in place is not in the copy. Wait for the copies with the
+    event `Writer.submit` records."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True, non_blocking=value.is_cuda)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class Writer:
+    """Writes files on a background thread, one job at a time: submit() returns at once unless the
+    previous job is still running (then it waits for it: at most one in flight). A job's error is
+    raised by the next submit() or by wait()."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaegan-writer")
+        self.pending = None
+
+    def submit(self, job, *args):
+        """job(*args) on the writer thread, after the device work queued so far (snapshot's copies)."""
+        self.wait()
+        ready = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            ready = torch.cuda.Event()
+            ready.record()
+        self.pending = self.pool.submit(_after, ready, job, *args)
+
+    def wait(self):
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+
+
+def _after(ready, job, *args):
+    if ready is not None:
+        ready.synchronize()
+    job(*args)

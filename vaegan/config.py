@@ -56,7 +56,7 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 on CUDA devices that support it, fp32 elsewhere
     kernels: str = "auto"   # triton on CUDA, torch elsewhere
     compile: bool = False
     cuda_graphs: bool = False
@@ -70,7 +70,8 @@ class TrainConfig:
     resume: str = None
     log_every: int = 10
     sample_every: int = 100
-    checkpoint_every: int = 100
+    checkpoint_every: int = None  # steps; default: none, --checkpoint-minutes decides
+    checkpoint_minutes: float = 10.0
     keep_every: int = 5000
 
     def resolved(self):
@@ -91,7 +92,7 @@ class TrainConfig:
 
 # Options that may differ when a run is resumed; every other value comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "loader", "workers", "out", "resume", "log_every", "sample_every",
-                       "checkpoint_every", "keep_every", "compile", "cuda_graphs", "compile_backend", "memory_format",
+                       "checkpoint_every", "checkpoint_minutes", "keep_every", "compile", "cuda_graphs", "compile_backend", "memory_format",
                        "optimizer_impl", "overlap_allreduce")
 
 
@@ -194,8 +195,9 @@ def add_train_arguments(parser):
       help="BatchNorm statistics over the global batch across processes (default: each process's own batch)")
     a("--seed", type=int, default=d.seed, help="seed of initialisation, data order, flips and noise (default: 0)")
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: auto: cuda if available)")
-    a("--precision", choices=("fp32", "bf16", "fp64"), default=d.precision,
-      help="fp32, bf16 autocast, or fp64 (slow; for checking numerics) (default: fp32)")
+    a("--precision", choices=("auto", "fp32", "bf16", "fp64"), default=d.precision,
+      help="fp32, bf16 autocast, or fp64 (slow; for checking numerics) (default: auto: bf16 on CUDA devices that "
+           "support it, fp32 elsewhere)")
     a("--kernels", choices=("auto", "torch", "triton"), default=d.kernels,
       help="loss implementation: the fused Triton kernels or the PyTorch reference losses "
            "(default: auto: triton on CUDA, torch elsewhere; on a CPU triton needs TRITON_INTERPRET=1)")
@@ -226,7 +228,11 @@ def add_train_arguments(parser):
     a("--sample-every", type=positive_int("--sample-every"), default=d.sample_every,
       help="steps between sample/reconstruction grids (default: 100)")
     a("--checkpoint-every", type=positive_int("--checkpoint-every"), default=d.checkpoint_every,
-      help="steps between rewrites of checkpoint.pt (default: 100)")
+      help="steps between rewrites of checkpoint.pt, besides --checkpoint-minutes (default: none)")
+    a("--checkpoint-minutes", type=number("--checkpoint-minutes", inclusive=True), default=d.checkpoint_minutes,
+      help="minutes between rewrites of checkpoint.pt, decided at log steps, the same on every process; 0: by "
+           "--checkpoint-every only. The run's end, a stop (SIGTERM) and --keep-every also write one; the write "
+           "runs on a background thread (default: 10)")
     a("--keep-every", type=positive_int("--keep-every"), default=d.keep_every,
       help="steps between kept checkpoint-STEP.pt files (default: 5000)")
     return parser

@@ -144,7 +144,7 @@ def average_step(module, scalars, ctx, reducer=None):
     """Average gradients (unless `reducer`, an OverlappedGradientReducer, has them on the way), BatchNorm
     running statistics and `scalars` (a dict of 0-d tensors) across ranks.
 
-    Returns the averaged scalars as Python floats (this is the step's one synchronisation).
+    Returns the averaged scalars as 0-d tensors on their device (no synchronisation).
     """
     names = sorted(scalars)
     dtype = next(module.parameters()).dtype  # float32, or float64 with --precision fp64
@@ -163,7 +163,7 @@ def average_step(module, scalars, ctx, reducer=None):
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
-    return dict(zip(names, values.tolist())) if names else {}
+    return dict(zip(names, values.unbind())) if names else {}
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -12,13 +12,16 @@ and the tests hold each to the slow reference. How the known pitfalls are avoide
 The equilibrium rule decides on the host which optimizers step (one small device-to-host copy per
 step, which the loss check needs anyway); each optimizer step is compiled on its own.
 """
+import functools
 import importlib
 from dataclasses import dataclass
 
 import torch
 
+from kernels import philox
+
 from .config import ConfigError
-from .step import routed_losses
+from .step import equilibrium_masks, routed_losses
 
 OPTIMIZER_IMPLS = ("auto", "for-loop", "foreach", "fused", "apex")
 
@@ -153,6 +156,15 @@ class TrainStep:
             self.forward = torch.compile(routed_losses, backend=options.backend, mode=mode)
             self.optimizer_steps = {name: torch.compile(opt.step, backend=options.backend, mode=mode)
                                     for name, opt in optimizers.items()}
+        self.masked_steps = {name: functools.partial(masked_step, opt) for name, opt in optimizers.items()}
+        self.noise = philox.step_noise  # (seed, step) -> (noise seed, prior codes), on the device
+        self.decide = functools.partial(step_decisions, scfg, model)
+        if options.compile:
+            mode = "reduce-overhead" if options.cuda_graphs else None
+            self.masked_steps = {name: torch.compile(step, backend=options.backend, mode=mode)
+                                 for name, step in self.masked_steps.items()}
+            self.decide = torch.compile(self.decide, backend=options.backend)
+            self.noise = torch.compile(self.noise, backend=options.backend)
 
     def gradients(self, x, z_prior, noise_seed, row_offset=0, attributes=None):
         """Each network's own gradient in `.grad`; returns the detached stats (no synchronisation)."""
@@ -171,8 +183,35 @@ class TrainStep:
         total.backward()
         return stats
 
+    def decisions(self, stats):
+        """({network: 0-d bool tensor}, finite): which optimizers step, decided on the device (the
+        equilibrium rule and the non-finite guard: a step whose losses or gradients are not all
+        finite updates nothing)."""
+        names = sorted(name for name in stats if name in GUARDED_STATS)
+        costs = (stats["real_cost"], stats["fake_cost"]) if "real_cost" in stats else None
+        update, finite = self.decide([stats[n] for n in names], costs)
+        return {name: update[name] for name in self.optimizers}, finite
+
     def apply(self, update):
-        """Step the optimizers of the networks `update` names True."""
+        """Step the optimizers of the networks `update` names: by a Python bool (the step runs or
+        not), or by a 0-d bool tensor (it runs, and is kept only where True: no synchronisation)."""
         for name, step in self.optimizer_steps.items():
-            if update[name]:
+            if isinstance(update[name], torch.Tensor):
+                self.masked_steps[name](update[name])
+            elif update[name]:
                 step()
+
+
+GUARDED_STATS = ("kl", "llike", "dis_loss", "gen_loss", "real_cost", "fake_cost")
+
+
+def step_decisions(scfg, model, losses, costs):
+    """The device side of TrainStep.decisions: losses, a list of 0-d tensors; costs, (real, fake) or None."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    finite = torch.stack([loss.float() for loss in losses]).isfinite().all()
+    finite = finite & torch.stack(torch._foreach_norm(grads)).isfinite().all()
+    update_dec = update_dis = finite
+    if costs is not None:
+        dec, dis = equilibrium_masks(scfg, *costs)
+        update_dec, update_dis = dec & finite, dis & finite
+    return {"encoder": finite, "decoder": update_dec, "discriminator": update_dis}, finite

@@ -310,6 +310,7 @@ def equilibrium_masks(cfg, real_cost, fake_cost):
         yes = torch.ones((), dtype=torch.bool, device=real_cost.device)
         return yes, yes
     low, high = cfg.equilibrium_value - cfg.margin, cfg.equilibrium_value + cfg.margin
+    real_cost, fake_cost = real_cost.double(), fake_cost.double()  # compared as the host compares: in float64
     update_dis = ~((real_cost < low) | (fake_cost < low))
     update_dec = ~((real_cost > high) | (fake_cost > high))
     if cfg.kind == "vae-disl":

@@ -1,4 +1,5 @@
 """The training loop: set-up, the step, logging, samples, checkpoints, resume and signals."""
+import contextlib
 import json
 import os
 import signal
@@ -15,9 +16,11 @@ from .data import DataError, StepBatchSampler, build_dataset, make_loader
 from .data.dali import DaliLoader
 from .images import interleave, save_grid
 from .models import CONDITIONAL_KINDS, VAEGAN, base_kind
-from .fast import FastOptions, TrainStep, check_fast_options, make_optimizer, resolve_optimizer_impl, set_learning_rate
+from .fast import (FastOptions, TrainStep, check_fast_options, make_optimizer, reset_learning_rate, resolve_optimizer_impl,
+                   set_learning_rate)
 from .schedule import learning_rate
-from .step import StepConfig, equilibrium_decisions
+from .step import StepConfig
+from .tally import StepTally
 
 GRID_IMAGES = 32
 LOSS_NAMES = ("kl", "llike", "dis_loss", "gen_loss", "real_cost", "fake_cost", "pixel_error")
@@ -85,16 +88,12 @@ def conditioning_columns(cfg, dataset):
     return names, [dataset.attribute_names.index(n) for n in names]
 
 
-def step_noise(seed, step, global_batch, latent_size, rank, batch_size):
-    """(noise_seed, z_prior) for this rank, drawn from (seed, step): the seed of the step's
-    reparameterisation noise (Philox, the same on every rank) and this rank's slice of the global
-    batch's prior codes."""
-    generator = torch.Generator()
-    generator.manual_seed((seed + 1) * 2_000_003 + step)
-    noise_seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator))
-    z_prior = torch.randn(global_batch, latent_size, generator=generator)
-    lo = rank * batch_size
-    return noise_seed, z_prior[lo:lo + batch_size]
+def resolve_precision(device):
+    """--precision auto: bf16 autocast on CUDA devices with bf16 (Ampere and later), fp32 elsewhere
+    (README: what bf16 does on a CPU)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 def resolve_loader(choice, device, dataset):
@@ -240,6 +239,8 @@ def train(cfg):
             device = torch.device("cuda", ctx.local_rank)
         elif device.type == "cuda" and device.index is None:  # DALI and the checks need the index
             device = torch.device("cuda", torch.cuda.current_device())
+        if cfg.precision == "auto":  # decided once: config.json and a resumed run keep the choice
+            cfg = replace(cfg, precision=resolve_precision(device))
         return run(cfg, ctx, device, saved)
     finally:
         distributed.teardown(ctx)
@@ -269,7 +270,7 @@ def run(cfg, ctx, device, saved):
         start_step, skips, unreadable = saved["step"], dict(saved["skips"]), set(saved["unreadable"])
         torch.set_rng_state(saved["torch_rng"])
     lr = learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps)
-    set_learning_rate(optimizers, lr)  # (a resumed optimizer's saved lr may be a float or a tensor)
+    reset_learning_rate(optimizers, lr, tensor_lr=cfg.compile)  # (a resumed optimizer's saved rate may be either)
     distributed.broadcast_state(model, ctx)
     kernel_set, kernel_reason = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
     if cfg.compile and kernel_set == "triton" and device.type != "cuda":
@@ -316,12 +317,15 @@ def run(cfg, ctx, device, saved):
         distributed.check_replicas(model, ctx)
         if not ctx.is_main:
             return
-        state = {"step": step, "config": asdict(cfg), "model": model.state_dict(),
-                 "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-                 "skips": skips, "unreadable": sorted(unreadable), "torch_rng": torch.get_rng_state()}
-        checkpoint.save(os.path.join(cfg.out, checkpoint.CHECKPOINT), state)
+        # a snapshot at this step boundary, written on the writer's thread while training goes on
+        state = checkpoint.snapshot({"step": step, "config": asdict(cfg), "model": model.state_dict(),
+                                     "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                                     "skips": skips, "unreadable": sorted(unreadable),
+                                     "torch_rng": torch.get_rng_state()})
+        paths = [os.path.join(cfg.out, checkpoint.CHECKPOINT)]
         if step > 0 and step % cfg.keep_every == 0:
-            checkpoint.save(os.path.join(cfg.out, f"checkpoint-{step:07d}.pt"), state)
+            paths.append(os.path.join(cfg.out, f"checkpoint-{step:07d}.pt"))
+        writer_thread.submit(lambda: [checkpoint.save(path, state) for path in paths])
 
     grid_noise = torch.randn(GRID_IMAGES, cfg.latent_size,
                              generator=torch.Generator().manual_seed(cfg.seed)).to(device, param_dtype)
@@ -341,78 +345,106 @@ def run(cfg, ctx, device, saved):
             if model.encoder is not None:
                 mu, _ = model.encoder(grid_originals, grid_original_attributes)
                 pairs = interleave(grid_originals, model.decoder(mu, grid_original_attributes))
-        if ctx.is_main:
-            save_grid(os.path.join(cfg.out, f"samples-{step:07d}.png"), samples)
-            if pairs is not None:
-                save_grid(os.path.join(cfg.out, f"reconstructions-{step:07d}.png"), pairs)
+        if ctx.is_main:  # copied and encoded as PNG on the writer's thread
+            grids = checkpoint.snapshot({"samples": samples, "reconstructions": pairs})
+            writer_thread.submit(lambda: [save_grid(os.path.join(cfg.out, f"{name}-{step:07d}.png"), images)
+                                          for name, images in grids.items() if images is not None])
 
-    if saved is None:
-        save_checkpoint(0)  # from here on, a kill at any moment leaves a loadable checkpoint
+    def train_one_step(images, attributes, step):
+        """The step, queued on the device: nothing in it waits for the device."""
+        x = images.to(device, param_dtype, non_blocking=True)
+        y = attributes.to(device, non_blocking=True)[:, attribute_columns].to(param_dtype) if attribute_names else None
+        step_on_device = torch.full((1,), step, dtype=torch.int64, device=device)
+        noise_seed, z_prior = train_step.noise(cfg.seed, step_on_device, cfg.batch_size, cfg.latent_size,
+                                               global_batch, ctx.rank * cfg.batch_size)
+        stats = train_step.gradients(x, z_prior.to(param_dtype), noise_seed, ctx.rank * cfg.batch_size, y)
+        if ctx.distributed:  # every rank must stop after the same step: the request travels with the stats
+            stats["stop"] = torch.full((), float(stop.requested), device=device)
+        stats = distributed.average_step(model, stats, ctx, reducer)
+        update, finite = train_step.decisions(stats)
+        train_step.apply(update)
+        tally.add(step_on_device.reshape(()), update, finite, stats)
+        return stats
+
+    def read_tally(stats, new_interval=True):
+        """The tally, read (one synchronisation); a non-finite step stops the run here, naming it."""
+        current, updated, interval, total, bad = tally.read(stats, new_interval)
+        skips.update(total)
+        if bad is not None:
+            step, losses = bad
+            raise FloatingPointError(f"step {step}: loss became non-finite "
+                                     f"({', '.join(f'{n}={v}' for n, v in losses.items() if n in stats)}); nothing "
+                                     f"was updated from it on; the last good checkpoint is in {cfg.out}")
+        return current, updated, interval
+
+    def log_step(step, stats, seconds, steps):
+        current, updated, interval = read_tally(stats)
+        img_per_s = steps * global_batch / seconds
+        record = {"step": step, **{n: current[n] for n in LOSS_NAMES if n in current},
+                  "update_decoder": updated.get("decoder", True), "update_discriminator": updated.get("discriminator", True),
+                  "skipped_decoder": interval["decoder"], "skipped_discriminator": interval["discriminator"],
+                  "lr": learning_rate(cfg.lr_schedule, cfg.lr, step - 1, cfg.lr_schedule_steps),
+                  "img_per_s": img_per_s, "unreadable_images": len(unreadable)}
+        if ctx.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for name, value in record.items():
+                if name != "step":
+                    writer.add_scalar(name, float(value), step)
+            shown = {n: current[n] for n in ("llike", "kl", "dis_loss", "pixel_error") if n in current}
+            progress.set_postfix({**{k: f"{v:.3g}" for k, v in shown.items()}, "img/s": f"{img_per_s:.0f}"})
+        return current.get("stop", 0.0) > 0
+
+    def note_unreadable(bad_files):
+        for path in bad_files:
+            if path not in unreadable:
+                unreadable.add(path)
+                log(ctx, f"vaegan: skipped unreadable image {path} ({len(unreadable)} skipped so far)")
+        if len(unreadable) > max(1, len(dataset) // 10):
+            raise DataError(f"{len(unreadable)} of {len(dataset)} images in {dataset.name} are unreadable "
+                            f"(first: {sorted(unreadable)[0]})")
+
+    def agreed(flag):
+        """The same decision on every rank: any rank's True (one small all-reduce, at log steps)."""
+        if not ctx.distributed:
+            return flag
+        flags = torch.tensor([float(flag)], device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return flags.item() > 0
+
+    tally = StepTally(device, LOSS_NAMES + (("stop",) if ctx.distributed else ()), skips)
+    due_by_time, checkpoint_due, last_checkpoint = cfg.checkpoint_minutes > 0, False, time.monotonic()
     model.train()
-    step = start_step
-    interval_start, interval_steps, interval_skips = time.perf_counter(), 0, {"decoder": 0, "discriminator": 0}
+    step, lr = start_step, learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps)
+    interval_start, interval_steps = time.perf_counter(), 0
     progress = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not ctx.is_main, dynamic_ncols=True,
                     file=sys.stderr)
-    with StopRequest() as stop:
+    # the writer's thread writes checkpoints and grids; leaving this block waits for its last job
+    with StopRequest() as stop, contextlib.closing(checkpoint.Writer()) as writer_thread:
+        if saved is None:
+            save_checkpoint(0)  # from here on, a kill at any moment leaves a loadable checkpoint
         for images, attributes, bad_files in loader:
-            for path in bad_files:
-                if path not in unreadable:
-                    unreadable.add(path)
-                    log(ctx, f"vaegan: skipped unreadable image {path} ({len(unreadable)} skipped so far)")
-            if len(unreadable) > max(1, len(dataset) // 10):
-                raise DataError(f"{len(unreadable)} of {len(dataset)} images in {dataset.name} are unreadable "
-                                  f"(first: {sorted(unreadable)[0]})")
-            x = images.to(device, param_dtype, non_blocking=True)
-            noise_seed, z_prior = step_noise(cfg.seed, step, global_batch, cfg.latent_size, ctx.rank, cfg.batch_size)
-            y = attributes[:, attribute_columns].to(device, param_dtype) if attribute_names else None
-            stats = train_step.gradients(x, z_prior.to(device, param_dtype), noise_seed, ctx.rank * cfg.batch_size, y)
-            if ctx.distributed:  # every rank must stop after the same step
-                stats["stop"] = torch.tensor(float(stop.requested), device=device)
-            stats = distributed.average_step(model, stats, ctx, reducer)
-            bad = [n for n in LOSS_NAMES if n in stats and stats[n] != stats[n]]
-            if bad or any(abs(stats[n]) == float("inf") for n in LOSS_NAMES if n in stats):
-                raise FloatingPointError(f"step {step}: loss became non-finite "
-                                         f"({', '.join(f'{n}={stats[n]}' for n in LOSS_NAMES if n in stats)}); "
-                                         f"the last good checkpoint is in {cfg.out}")
-            update = {"encoder": True, "decoder": True, "discriminator": True}
-            if "real_cost" in stats:
-                update["decoder"], update["discriminator"] = equilibrium_decisions(scfg, stats["real_cost"],
-                                                                                   stats["fake_cost"])
-            train_step.apply(update)
-            lr, previous_lr = learning_rate(cfg.lr_schedule, cfg.lr, step + 1, cfg.lr_schedule_steps), lr
+            note_unreadable(bad_files)
+            stats = train_one_step(images, attributes, step)
+            step += 1
+            lr, previous_lr = learning_rate(cfg.lr_schedule, cfg.lr, step, cfg.lr_schedule_steps), lr
             if lr != previous_lr:  # a tensor learning rate is filled in place: no recompile
                 set_learning_rate(optimizers, lr)
-            for name in optimizers:
-                if not update[name]:
-                    skips[name] += 1
-                    interval_skips[name] += 1
-            step += 1
             interval_steps += 1
             progress.update(1)
-
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                elapsed = time.perf_counter() - interval_start
-                img_per_s = interval_steps * global_batch / elapsed
-                record = {"step": step, **{n: stats[n] for n in LOSS_NAMES if n in stats},
-                          "update_decoder": update["decoder"], "update_discriminator": update["discriminator"],
-                          "skipped_decoder": interval_skips["decoder"],
-                          "skipped_discriminator": interval_skips["discriminator"],
-                          "lr": learning_rate(cfg.lr_schedule, cfg.lr, step - 1, cfg.lr_schedule_steps),
-                          "img_per_s": img_per_s, "unreadable_images": len(unreadable)}
-                if ctx.is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    for name, value in record.items():
-                        if name != "step":
-                            writer.add_scalar(name, float(value), step)
-                    shown = {n: stats[n] for n in ("llike", "kl", "dis_loss", "pixel_error") if n in stats}
-                    progress.set_postfix({**{k: f"{v:.3g}" for k, v in shown.items()}, "img/s": f"{img_per_s:.0f}"})
+            # one process stops at once; several stop together, at the log step that reads the request
+            stopping = stop.requested and not ctx.distributed
+            if step % cfg.log_every == 0 or step == cfg.steps or stopping:
+                stopping = log_step(step, stats, time.perf_counter() - interval_start, interval_steps) or stopping
                 interval_start, interval_steps = time.perf_counter(), 0
-                interval_skips = {"decoder": 0, "discriminator": 0}
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 save_grids(step)
-            stopping = stats.get("stop", float(stop.requested)) > 0
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping or step % cfg.keep_every == 0:
+            if due_by_time and step % cfg.log_every == 0:
+                checkpoint_due = agreed(time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes)
+            if (checkpoint_due or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
+                    or stopping or step % cfg.keep_every == 0):
+                checkpoint_due, last_checkpoint = False, time.monotonic()
+                read_tally(stats, new_interval=False)  # the skips in all; no checkpoint after a non-finite step
                 save_checkpoint(step)
             if stopping:
                 log(ctx, f"vaegan: stop requested; saved step {step} to {cfg.out}, resume with --resume {cfg.out}")

@@ -214,7 +214,10 @@ class DaliLoader:
         stream = torch.cuda.current_stream(self.target_device) if self.device == "cuda" else None
         feed_ndarray(images, target, cuda_stream=stream)
         indices = torch.from_numpy(np.array(label.as_tensor()).reshape(-1).astype(np.int64)) // 2
-        return target, self.dataset.attributes[indices], []
+        attributes = self.dataset.attributes[indices]
+        if self.device == "cuda":  # pinned, so that the loop's non_blocking copy does not wait
+            attributes = attributes.pin_memory()
+        return target, attributes, []
 
     def _explain(self, paths, error):
         for path in paths:

@@ -1,0 +1,272 @@
+"""The loop with nothing between its steps: decisions on the device, masked optimizer steps, the
+non-finite guard, noise drawn on the device, and no device-to-host read between log steps."""
+import copy
+import itertools
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from kernels import philox
+from test_fast import optimizers
+from test_step import NOISE_SEED, make
+from vaegan import checkpoint, trainer
+from vaegan.config import TrainConfig
+from vaegan.fast import FastOptions, TrainStep, masked_step
+from vaegan.step import StepConfig, equilibrium_decisions, equilibrium_masks
+
+TINY = dict(image_size=32, latent_size=16, fc_width=64, batch_size=8, workers=0, device="cpu")
+
+
+def optimizer_state(opt):
+    """Every state tensor, with the state a first step creates counted as zeros before it."""
+    return {(i, k): v.clone() for i, p in enumerate(p for g in opt.param_groups for p in g["params"])
+            for k, v in opt.state[p].items() if torch.is_tensor(v)}
+
+
+def assert_same_state(a, b):
+    for key in set(a) | set(b):
+        va, vb = a.get(key), b.get(key)
+        va = torch.zeros_like(vb) if va is None else va
+        vb = torch.zeros_like(va) if vb is None else vb
+        assert torch.equal(va, vb), key
+
+
+@pytest.mark.parametrize("kind,impl", [("rmsprop", "foreach"), ("rmsprop", "for-loop"), ("adam", "foreach")])
+def test_masked_steps_are_bit_identical_to_skipping_on_the_host(kind, impl):
+    # the host-side rule is the reference: a skipped optimizer does not run at all
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    reference = copy.deepcopy(net)
+    make_opt = lambda n: optimizers(type("M", (), {"networks": lambda self: {"n": n}})(), impl, kind=kind)["n"]  # noqa: E731
+    opt, ref_opt = make_opt(net), make_opt(reference)
+    pattern = [False, False, True, False, True, True, False, True, False, False, True]  # skips before the first step too
+    for i, update in enumerate(pattern * 2):
+        x = torch.randn(4, 7, dtype=torch.float64)
+        for model in (net, reference):
+            model.zero_grad()
+            model(x).pow(2).sum().backward()
+        masked_step(opt, torch.tensor(update))
+        if update:
+            ref_opt.step()
+        for p, q in zip(net.parameters(), reference.parameters()):
+            assert torch.equal(p, q), (i, update)
+        assert_same_state(optimizer_state(opt), optimizer_state(ref_opt))
+
+
+def test_the_equilibrium_rule_on_the_device_is_the_host_rule():
+    # float32 costs, as the step computes them; the boundaries 0.68 -/+ 0.35 and their neighbours
+    costs = [0.0, 0.2, 0.33, 0.3301, 0.5, 0.68, 1.0, 1.03, 1.0301, 2.0, 9.0]
+    costs = [float(torch.tensor(c).nextafter(torch.tensor(d))) for c in costs for d in (-1.0, 0.0, 1.0)]
+    for kind, equilibrium in [("vaegan", True), ("vaegan", False), ("vae-disl", True), ("gan", True), ("vae", True)]:
+        cfg = StepConfig(kind=kind, equilibrium=equilibrium)
+        for real, fake in itertools.product(costs, costs):
+            dec, dis = equilibrium_masks(cfg, torch.tensor(real), torch.tensor(fake))
+            assert (bool(dec), bool(dis)) == equilibrium_decisions(cfg, real, fake), (kind, real, fake)
+
+
+def test_a_step_with_non_finite_gradients_updates_nothing():
+    model, x, _, z_prior = make("vaegan", seed=5, dtype=torch.float32)
+    step = TrainStep(model, optimizers(model), StepConfig(gamma=1e-3), None, FastOptions())
+    for _ in range(2):  # optimizer state exists
+        stats = step.gradients(x, z_prior, NOISE_SEED)
+        update, finite = step.decisions(stats)
+        step.apply({name: torch.ones((), dtype=torch.bool) for name in update})
+    params = [p.detach().clone() for p in model.parameters()]
+    states = {n: optimizer_state(o) for n, o in step.optimizers.items()}
+    stats = step.gradients(x, z_prior, NOISE_SEED)
+    next(model.decoder.parameters()).grad[0].fill_(float("nan"))  # one gradient element
+    update, finite = step.decisions(stats)
+    assert not finite and not any(bool(u) for u in update.values())
+    step.apply(update)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    for name, opt in step.optimizers.items():
+        assert_same_state(optimizer_state(opt), states[name])
+    stats = step.gradients(x, z_prior, NOISE_SEED)
+    stats["llike"] = stats["llike"] * float("inf")  # a loss
+    assert not step.decisions(stats)[1]
+
+
+def test_a_non_finite_step_stops_the_run_at_the_log_step_naming_it(tmp_path, monkeypatch):
+    bad_step = 6
+    original = TrainStep.gradients
+    calls = itertools.count()
+
+    def gradients(self, *args, **kwargs):
+        stats = original(self, *args, **kwargs)
+        if next(calls) == bad_step:
+            next(self.model.encoder.parameters()).grad.view(-1)[0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(TrainStep, "gradients", gradients)
+    cfg = TrainConfig(steps=20, log_every=8, checkpoint_every=4, sample_every=100, out=str(tmp_path / "run"), **TINY)
+    with pytest.raises(FloatingPointError, match=f"step {bad_step}: loss became non-finite"):
+        trainer.train(cfg)
+    saved = checkpoint.load(str(tmp_path / "run"))
+    assert saved["step"] == 4  # the checkpoint of step 8 was refused, the one before is intact
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+def test_prior_codes_are_drawn_on_the_device_from_seed_and_step_and_split_across_ranks():
+    step = torch.tensor([7])
+    seed, whole = philox.step_noise(3, step, 8, 5, 8)
+    for ranks in (2, 4):
+        rows = 8 // ranks
+        parts = [philox.step_noise(3, step, rows, 5, 8, r * rows) for r in range(ranks)]
+        assert all(torch.equal(s, seed) for s, _ in parts)
+        assert torch.equal(torch.cat([z for _, z in parts]), whole)
+    # the same stream as the reparameterisation noise, past its rows
+    assert torch.equal(whole, philox.rows_randn(seed, 8, 5, 8))
+    assert not torch.equal(philox.step_noise(3, torch.tensor([8]), 8, 5, 8)[1], whole)
+    assert 0.5 < whole.std() < 1.5
+
+
+READS = ("item", "__float__", "__bool__", "__int__", "tolist", "numpy", "cpu")
+
+
+def test_the_steps_between_log_steps_read_nothing_from_the_device(tmp_path, monkeypatch):
+    """Counts every call that copies a tensor's value to the host, per step. On a GPU the same
+    loop runs under torch.cuda.set_sync_debug_mode("error") (test below)."""
+    original = TrainStep.gradients
+    current = {"step": -1}
+    reads = {}
+
+    def gradients(self, *args, **kwargs):
+        current["step"] += 1
+        return original(self, *args, **kwargs)
+
+    def counting(name):
+        method = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if os.sep + os.path.join("vaegan", "data") + os.sep not in caller:  # the loader's host-side tensors
+                reads.setdefault(current["step"], []).append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return method(self, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(TrainStep, "gradients", gradients)
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    cfg = TrainConfig(steps=15, log_every=5, checkpoint_every=100, sample_every=100, keep_every=100,
+                      out=str(tmp_path / "run"), **TINY)
+    trainer.train(cfg)
+    assert current["step"] == 14
+    # steps are numbered from 0: step 4, 9 and 14 are log steps (the 5th, 10th and 15th)
+    assert reads.get(4)  # the counter counts: a log step reads
+    assert not any(reads.get(s) for s in (5, 6, 7, 8, 10, 11, 12, 13)), reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU count above covers the CPU)")
+def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkeypatch):
+    original = TrainStep.gradients
+    current = {"step": -1}
+
+    def gradients(self, *args, **kwargs):
+        current["step"] += 1
+        torch.cuda.set_sync_debug_mode("error" if current["step"] % 5 not in (0, 4) and current["step"] > 4 else 0)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "gradients", gradients)
+    cfg = TrainConfig(steps=15, log_every=5, checkpoint_every=100, sample_every=100, keep_every=100,
+                      out=str(tmp_path / "run"), **{**TINY, "device": "cuda", "loader": "pil"})
+    try:
+        trainer.train(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_bf16_training_follows_fp32_training(tmp_path):
+    """--precision auto picks bf16 on CUDA: over 120 steps, bf16 autocast (here on the CPU) keeps
+    the losses of fp32 within 15% on average over the second half (one batch per logged value:
+    single steps differ more)."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(steps=120, log_every=5, checkpoint_every=1000, sample_every=1000, precision=precision,
+                          width=0.25, out=str(tmp_path / precision), **{**TINY, "batch_size": 16})
+        trainer.train(cfg)
+        with open(tmp_path / precision / "metrics.jsonl") as f:
+            records = [json.loads(line) for line in f][12:]
+        curves[precision] = {n: sum(r[n] for r in records) / len(records) for n in ("pixel_error", "kl", "llike")}
+    for name, value in curves["fp32"].items():
+        assert abs(curves["bf16"][name] / value - 1) < 0.15, curves
+
+
+def test_precision_auto_is_bf16_on_cuda_with_bf16_and_fp32_elsewhere(monkeypatch):
+    assert trainer.resolve_precision(torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert trainer.resolve_precision(torch.device("cuda", 0)) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert trainer.resolve_precision(torch.device("cuda", 0)) == "fp32"
+
+
+def test_the_loop_does_not_wait_for_a_slow_checkpoint_writer(tmp_path, monkeypatch):
+    import time
+    original_save, original_gradients = checkpoint.save, TrainStep.gradients
+    writes, steps = [], []
+
+    def slow_save(path, state):
+        start = time.monotonic()
+        time.sleep(3.0)
+        original_save(path, state)
+        writes.append((start, time.monotonic(), state["step"]))
+
+    def gradients(self, *args, **kwargs):
+        steps.append(time.monotonic())
+        return original_gradients(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    monkeypatch.setattr(TrainStep, "gradients", gradients)
+    cfg = TrainConfig(steps=12, log_every=4, checkpoint_every=6, sample_every=100, out=str(tmp_path / "run"), **TINY)
+    trainer.train(cfg)
+    assert [step for _, _, step in writes] == [0, 6, 12]  # the last one finished before train() returned
+    start, end, _ = writes[1]
+    assert sum(start < t < end for t in steps) >= 2, (writes, steps)  # steps ran while step 6 was written
+    assert checkpoint.load(str(tmp_path / "run"))["step"] == 12
+
+
+KILLED_MID_WRITE = """
+import os, sys, time
+from vaegan import checkpoint, trainer
+from vaegan.config import TrainConfig
+real = checkpoint.atomic_write
+
+def hanging(path, write):  # every rewrite of checkpoint.pt after the first stops half-way
+    if path.endswith("checkpoint.pt") and os.path.exists(path):
+        def half(f):
+            f.write(b"half a checkpoint")
+            f.flush()
+            time.sleep(600)
+        return real(path, half)
+    return real(path, write)
+
+checkpoint.atomic_write = hanging
+trainer.train(TrainConfig(steps=40, log_every=2, checkpoint_every=2, checkpoint_minutes=0, out=sys.argv[1],
+                          image_size=32, latent_size=16, fc_width=64, batch_size=8, workers=0, device="cpu"))
+"""
+
+
+def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    process = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(out)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and any(p.name.endswith(".tmp") for p in out.iterdir())):
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(1.0)  # the loop goes on meanwhile
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    saved = checkpoint.load(str(out))
+    assert saved["step"] == 0 and saved["config"]["checkpoint_every"] == 2
