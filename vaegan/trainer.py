@@ -286,14 +286,14 @@ def run(cfg, ctx, device, saved):
     unused = len(dataset) - sampler.steps_per_epoch * sampler.global_batch
 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    writer = None
+    tensorboard = None
     if ctx.is_main:
         os.makedirs(cfg.out, exist_ok=True)
         checkpoint.remove_stale_temporaries(cfg.out)
         checkpoint.write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
         trim_metrics(metrics_path, start_step)
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=start_step + 1)
+        tensorboard = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=start_step + 1)
     parameters = sum(p.numel() for p in model.parameters())
     log(ctx, f"vaegan: model {cfg.model} ({parameters / 1e6:.1f}M parameters), {cfg.image_size}x{cfg.image_size}x"
              f"{cfg.channels}, data {dataset.name}: {len(dataset)} images"
@@ -377,9 +377,10 @@ def run(cfg, ctx, device, saved):
                                      f"was updated from it on; the last good checkpoint is in {cfg.out}")
         return current, updated, interval
 
-    def log_step(step, stats, seconds, steps):
+    def log_step(step, stats):
+        """Read the tally, write metrics.jsonl and TensorBoard; returns whether a process asked to stop."""
         current, updated, interval = read_tally(stats)
-        img_per_s = steps * global_batch / seconds
+        img_per_s = (step - timer["step"]) * global_batch / (time.perf_counter() - timer["start"])
         record = {"step": step, **{n: current[n] for n in LOSS_NAMES if n in current},
                   "update_decoder": updated.get("decoder", True), "update_discriminator": updated.get("discriminator", True),
                   "skipped_decoder": interval["decoder"], "skipped_discriminator": interval["discriminator"],
@@ -390,10 +391,27 @@ def run(cfg, ctx, device, saved):
                 f.write(json.dumps(record) + "\n")
             for name, value in record.items():
                 if name != "step":
-                    writer.add_scalar(name, float(value), step)
+                    tensorboard.add_scalar(name, float(value), step)
             shown = {n: current[n] for n in ("llike", "kl", "dis_loss", "pixel_error") if n in current}
             progress.set_postfix({**{k: f"{v:.3g}" for k, v in shown.items()}, "img/s": f"{img_per_s:.0f}"})
+        timer.update(start=time.perf_counter(), step=step)
         return current.get("stop", 0.0) > 0
+
+    def update_learning_rate(step):
+        lr, previous = (learning_rate(cfg.lr_schedule, cfg.lr, s, cfg.lr_schedule_steps) for s in (step, step - 1))
+        if lr != previous:  # a tensor learning rate is filled in place: no recompile
+            set_learning_rate(optimizers, lr)
+
+    def checkpoint_due(step, stopping):
+        """Every --checkpoint-minutes (decided at log steps, the same on every rank) or --checkpoint-every
+        steps, at the end, on a stop, and at --keep-every."""
+        if cfg.checkpoint_minutes > 0 and step % cfg.log_every == 0:
+            timer["checkpoint_due"] = agreed(time.monotonic() - timer["checkpoint"] >= 60 * cfg.checkpoint_minutes)
+        due = (timer["checkpoint_due"] or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+               or step == cfg.steps or stopping or step % cfg.keep_every == 0)
+        if due:
+            timer.update(checkpoint=time.monotonic(), checkpoint_due=False)
+        return due
 
     def note_unreadable(bad_files):
         for path in bad_files:
@@ -413,10 +431,9 @@ def run(cfg, ctx, device, saved):
         return flags.item() > 0
 
     tally = StepTally(device, LOSS_NAMES + (("stop",) if ctx.distributed else ()), skips)
-    due_by_time, checkpoint_due, last_checkpoint = cfg.checkpoint_minutes > 0, False, time.monotonic()
+    timer = {"start": time.perf_counter(), "step": start_step, "checkpoint": time.monotonic(), "checkpoint_due": False}
     model.train()
-    step, lr = start_step, learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps)
-    interval_start, interval_steps = time.perf_counter(), 0
+    step = start_step
     progress = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not ctx.is_main, dynamic_ncols=True,
                     file=sys.stderr)
     # the writer's thread writes checkpoints and grids; leaving this block waits for its last job
@@ -427,31 +444,23 @@ def run(cfg, ctx, device, saved):
             note_unreadable(bad_files)
             stats = train_one_step(images, attributes, step)
             step += 1
-            lr, previous_lr = learning_rate(cfg.lr_schedule, cfg.lr, step, cfg.lr_schedule_steps), lr
-            if lr != previous_lr:  # a tensor learning rate is filled in place: no recompile
-                set_learning_rate(optimizers, lr)
-            interval_steps += 1
             progress.update(1)
+            update_learning_rate(step)
             # one process stops at once; several stop together, at the log step that reads the request
             stopping = stop.requested and not ctx.distributed
             if step % cfg.log_every == 0 or step == cfg.steps or stopping:
-                stopping = log_step(step, stats, time.perf_counter() - interval_start, interval_steps) or stopping
-                interval_start, interval_steps = time.perf_counter(), 0
+                stopping = log_step(step, stats) or stopping
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 save_grids(step)
-            if due_by_time and step % cfg.log_every == 0:
-                checkpoint_due = agreed(time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes)
-            if (checkpoint_due or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps
-                    or stopping or step % cfg.keep_every == 0):
-                checkpoint_due, last_checkpoint = False, time.monotonic()
+            if checkpoint_due(step, stopping):
                 read_tally(stats, new_interval=False)  # the skips in all; no checkpoint after a non-finite step
                 save_checkpoint(step)
             if stopping:
                 log(ctx, f"vaegan: stop requested; saved step {step} to {cfg.out}, resume with --resume {cfg.out}")
                 break
     progress.close()
-    if writer is not None:
-        writer.close()
+    if tensorboard is not None:
+        tensorboard.close()
     if unreadable:
         log(ctx, f"vaegan: {len(unreadable)} unreadable image(s) were skipped (listed in the checkpoint)")
     log(ctx, f"vaegan: done at step {step}; run directory {cfg.out}")
