@@ -5,6 +5,7 @@
 #   bash bench/run_gpu.sh kernels loaders          # the next
 #   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each)
 #   bash bench/run_gpu.sh train                    # 300 real steps, fastest configuration
+#   bash bench/run_gpu.sh loop                     # the whole loop against the bare step (bench/test_loop.py)
 #   bash bench/run_gpu.sh all                      # every stage in order (on a node without a time limit)
 #
 # Every stage runs under `timeout $STAGE_SECONDS` (540 by default) and writes its own file,
@@ -77,7 +78,7 @@ kerneltests() {  # the fused kernels against their references, compiled for the 
 }
 
 tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 too), routing in every mode
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_step.py tests/test_fast.py
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_step.py tests/test_fast.py tests/test_loop.py
 }
 
 bench() {  # $1: stage name (for the json), the rest: pytest arguments
@@ -108,7 +109,7 @@ export -f preflight kerneltests tests bench train
 export out stamp device cores
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && { sed -n 2,16p "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 train)
+[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 train loop)
 for stage in "${stages[@]}"; do
   case $stage in
     preflight) run_stage preflight preflight ;;
@@ -118,6 +119,7 @@ for stage in "${stages[@]}"; do
     loaders) run_stage loaders bench loaders bench/test_loaders.py ;;
     step64|step256|step512) VAEGAN_BENCH_BATCHES=${stage#step} run_stage "$stage" bench "$stage" bench/test_step.py ;;
     train) run_stage train train ;;
-    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 train all)"; exit 2 ;;
+    loop) run_stage loop bench loop bench/test_loop.py -s ;;
+    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 train loop all)"; exit 2 ;;
   esac
 done

@@ -9,8 +9,11 @@ and the tests hold each to the slow reference. How the known pitfalls are avoide
     a new learning rate is new data, neither a recompile nor a new CUDA graph;
   * BatchNorm buffers are updated inside the compiled forward and averaged across ranks after the
     backward, in the same all-reduce as the equilibrium costs (vaegan/distributed.py).
-The equilibrium rule decides on the host which optimizers step (one small device-to-host copy per
-step, which the loss check needs anyway); each optimizer step is compiled on its own.
+Nothing in a step waits for the device: the equilibrium rule and the non-finite guard decide on
+the device (`TrainStep.decisions`), and each optimizer steps under a 0-d bool mask that keeps or
+discards its update (`masked_step`; compiled on its own, in place, with no host value). The
+host-side rule (vaegan/step.py: equilibrium_decisions, optimizers that simply do not run) is the
+reference: the tests hold the masked steps bit-identical to it.
 """
 import functools
 import importlib
