@@ -68,7 +68,7 @@ def step_img_per_s(cfg, steps):
     model = trainer.build_model(cfg).to(device)
     optimizers = trainer.build_optimizers(model, cfg, "foreach", tensor_lr=cfg.compile, global_batch=cfg.batch_size)
     kernel_set, _ = trainer.resolve_kernels(cfg.kernels, device)
-    options = FastOptions(cfg.compile, cfg.cuda_graphs, device.type == "cuda", cfg.compile_backend)
+    options = FastOptions(cfg.compile, cfg.cuda_graphs, cfg.memory_format != "contiguous", cfg.compile_backend)
     step = TrainStep(model, optimizers, trainer.step_config(cfg, kernel_set),
                      torch.bfloat16 if cfg.precision == "bf16" else None, options)
     x = torch.rand(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1

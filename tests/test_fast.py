@@ -167,7 +167,7 @@ def test_train_with_compile_logs_the_mode(tmp_path):
     done = run_train(SMALL + ["--steps", "3", "--compile", "--compile-backend", "aot_eager", "--log-every", "1",
                               "--out", str(tmp_path / "run")])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "step torch.compile (aot_eager), contiguous, optimizers foreach (default (torch has no fused RMSprop))" \
+    assert "step torch.compile (aot_eager), channels-last, optimizers foreach (default (torch has no fused RMSprop))" \
         in done.stderr
     done = run_train(SMALL + ["--steps", "1", "--cuda-graphs", "--compile", "--out", str(tmp_path / "x")])
     assert done.returncode == 2 and "--cuda-graphs needs CUDA" in done.stderr

@@ -61,7 +61,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graphs: bool = False
     compile_backend: str = "inductor"
-    memory_format: str = "auto"   # channels-last on CUDA, contiguous elsewhere
+    memory_format: str = "auto"   # channels-last (on CPUs too: bench/results/cpu-20261126-formats.txt)
     optimizer_impl: str = "auto"  # fused (adam on CUDA) or foreach
     overlap_allreduce: bool = True
     loader: str = "auto"    # dali on CUDA for image files, pil elsewhere
@@ -209,7 +209,8 @@ def add_train_arguments(parser):
       help="torch.compile backend: inductor (generates kernels) or aot_eager (traces only; for debugging) "
            "(default: inductor)")
     a("--memory-format", choices=("auto", "channels-last", "contiguous"), default=d.memory_format,
-      help="layout of images and convolution weights (default: auto: channels-last on CUDA, contiguous elsewhere)")
+      help="layout of images and convolution weights (default: auto: channels-last, which was faster on GPUs "
+           "and CPUs alike)")
     a("--optimizer-impl", choices=("auto", "for-loop", "foreach", "fused", "apex"), default=d.optimizer_impl,
       help="the optimizers' implementation: torch's for-loop, foreach (multi-tensor) or fused (Adam only) "
            "kernels, or NVIDIA apex's FusedAdam if you have built apex (default: auto: fused for adam on CUDA, "

@@ -253,7 +253,7 @@ def run(cfg, ctx, device, saved):
     if attribute_names:
         cfg = replace(cfg, attributes=",".join(attribute_names))
     param_dtype = torch.float64 if cfg.precision == "fp64" else torch.float32
-    channels_last = cfg.memory_format == "channels-last" or (cfg.memory_format == "auto" and device.type == "cuda")
+    channels_last = cfg.memory_format in ("auto", "channels-last")
     fast_options = FastOptions(cfg.compile, cfg.cuda_graphs, channels_last, cfg.compile_backend)
     check_fast_options(fast_options, device.type, cfg.sync_bn and ctx.distributed)
     optimizer_impl, optimizer_reason = resolve_optimizer_impl(cfg.optimizer_impl, cfg.optimizer, device.type)
