@@ -313,3 +313,28 @@ def test_skip_counts_are_exact_whatever_the_log_interval(tmp_path):
         for n in ("decoder", "discriminator"):
             assert record[f"skipped_{n}"] == sum(not r[f"update_{n}"] for r in window)
     assert sum(r["skipped_discriminator"] + r["skipped_decoder"] for r in every_step) > 0  # the rule did skip
+
+
+def test_grids_are_encoded_without_torch_operations():
+    # grids are encoded on the writer's thread: a torch operation there starts a second team of
+    # intra-op threads, which slowed every later CPU step by 30% (seen with bench/test_loop.py)
+    from torch.overrides import TorchFunctionMode
+
+    from vaegan.images import grid
+
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    images = torch.rand(5, 3, 8, 8) * 2 - 1
+    with Calls() as calls:
+        canvas = grid(images, columns=4)
+    assert set(calls.names) <= {"detach", "__get__", "numpy"}, calls.names
+    assert canvas.shape == (2 * 10 + 2, 4 * 10 + 2, 3)
+    want = ((images[1] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (canvas[2:10, 12:20] == want).all()  # the second image, in the first row
