@@ -17,7 +17,7 @@ from baseline import baseline_step
 from timing import CUDA, DEVICE, compile_counters, device_peak, median_seconds, sync
 from vaegan.fast import FastOptions, TrainStep, make_optimizer
 from vaegan.models import VAEGAN
-from vaegan.step import StepConfig, equilibrium_decisions
+from vaegan.step import StepConfig
 
 SIZE, CHANNELS = (64, 3) if CUDA else (32, 1)
 # VAEGAN_BENCH_BATCHES=64 times one batch size (bench/run_gpu.sh runs one per stage)
@@ -49,13 +49,14 @@ def build(mode, batch):
     options = FastOptions(compile=fastest, cuda_graphs=fastest and CUDA, channels_last=fastest,
                           backend="inductor" if CUDA else "aot_eager")
     train_step = TrainStep(model, optimizers, cfg, torch.bfloat16 if fastest else None, options)
-    seeds = iter(range(10 ** 9))
+    steps = iter(range(10 ** 9))
 
-    def step():
-        stats = train_step.gradients(x, z_prior, next(seeds))
-        costs = torch.stack([stats["real_cost"], stats["fake_cost"]]).tolist()  # the step's one synchronisation
-        update_dec, update_dis = equilibrium_decisions(cfg, *costs)
-        train_step.apply({"encoder": True, "decoder": update_dec, "discriminator": update_dis})
+    def step():  # as the training loop runs it: noise, decisions and masked updates on the device, no sync
+        noise_seed, _ = train_step.noise(0, torch.full((1,), next(steps), dtype=torch.int64, device=DEVICE),
+                                         batch, model.latent_size, batch)
+        stats = train_step.gradients(x, z_prior, noise_seed)
+        update, _ = train_step.decisions(stats)
+        train_step.apply(update)
     return step, model
 
 
