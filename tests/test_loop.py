@@ -166,7 +166,8 @@ def test_the_steps_between_log_steps_read_nothing_from_the_device(tmp_path, monk
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU count above covers the CPU)")
-def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "compiled-cuda-graphs"])
+def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkeypatch, fast):
     original = TrainStep.gradients
     current = {"step": -1}
 
@@ -177,7 +178,8 @@ def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkey
 
     monkeypatch.setattr(TrainStep, "gradients", gradients)
     cfg = TrainConfig(steps=15, log_every=5, checkpoint_every=100, sample_every=100, keep_every=100,
-                      out=str(tmp_path / "run"), **{**TINY, "device": "cuda", "loader": "pil"})
+                      compile=fast, cuda_graphs=fast, out=str(tmp_path / "run"),
+                      **{**TINY, "device": "cuda", "loader": "pil"})
     try:
         trainer.train(cfg)
     finally:
