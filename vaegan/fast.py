@@ -150,6 +150,9 @@ class TrainStep:
         self.options = options
         self.forward = routed_losses
         self.optimizer_steps = {name: opt.step for name, opt in optimizers.items()}
+        self.masked_steps = {name: functools.partial(masked_step, opt) for name, opt in optimizers.items()}
+        self.noise = philox.step_noise  # (seed, step) -> (noise seed, prior codes), on the device
+        self.decide = functools.partial(step_decisions, scfg, model)
         if options.channels_last:
             model.to(memory_format=torch.channels_last)
         if options.compile:
@@ -159,11 +162,6 @@ class TrainStep:
             self.forward = torch.compile(routed_losses, backend=options.backend, mode=mode)
             self.optimizer_steps = {name: torch.compile(opt.step, backend=options.backend, mode=mode)
                                     for name, opt in optimizers.items()}
-        self.masked_steps = {name: functools.partial(masked_step, opt) for name, opt in optimizers.items()}
-        self.noise = philox.step_noise  # (seed, step) -> (noise seed, prior codes), on the device
-        self.decide = functools.partial(step_decisions, scfg, model)
-        if options.compile:
-            mode = "reduce-overhead" if options.cuda_graphs else None
             self.masked_steps = {name: torch.compile(step, backend=options.backend, mode=mode)
                                  for name, step in self.masked_steps.items()}
             self.decide = torch.compile(self.decide, backend=options.backend)

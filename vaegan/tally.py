@@ -15,7 +15,6 @@ class StepTally:
         zero = torch.zeros((), dtype=torch.int64, device=device)
         self.interval = {name: zero.clone() for name in SKIPPABLE}
         self.total = {name: zero + skips_so_far[name] for name in SKIPPABLE}
-        self.nonfinite = zero.clone()
         self.first_bad_step = zero - 1
         self.bad_losses = torch.zeros(len(loss_names), device=device)
         self.last_update = None
@@ -32,7 +31,6 @@ class StepTally:
         losses = torch.stack([stats[n].float() if n in stats else self.bad_losses.new_zeros(())
                               for n in self.loss_names])
         self.bad_losses = torch.where(first, losses, self.bad_losses)
-        self.nonfinite += (~finite).to(torch.int64)
         self.last_update = update
 
     def read(self, stats, new_interval=True):

@@ -18,6 +18,7 @@ ordered with the training step's kernels (as DALI's own PyTorch iterator does). 
 exercise it on machines without a GPU.
 """
 import collections
+import io
 
 import numpy as np
 import torch
@@ -59,9 +60,19 @@ class _EncodedBatches:
                 yield encoded, labels
                 continue
             drawn = [augment.draw(*place) for _, _, place in batch]
-            matrices = [augment.pixel_span_matrix(a, _image_shape(path)) for a, path in zip(drawn, paths)]
+            matrices = [augment.pixel_span_matrix(a, self._shape(data)) for a, data in zip(drawn, encoded)]
             yield (encoded, labels, matrices, *([np.float32(getattr(a, name)) for a in drawn]
                                                 for name in augmentation_inputs(self.dataset.channels)))
+
+    def _shape(self, encoded):
+        """(height, width): CelebA's, or read from the header of the bytes already in hand."""
+        if not self.dataset.celeba:
+            try:
+                with Image.open(io.BytesIO(encoded)) as image:
+                    return image.size[1], image.size[0]
+            except Exception:  # DALI's decoder names the bad file when it meets it
+                pass
+        return CELEBA_SIZE[1], CELEBA_SIZE[0]
 
 
 def augmentation_inputs(channels):
@@ -69,13 +80,6 @@ def augmentation_inputs(channels):
     return ("gamma", "contrast", "hue") if channels == 3 else ("gamma", "contrast")
 
 
-def _image_shape(path):
-    """(height, width) from the file's header (PIL reads no pixels for this)."""
-    try:
-        with Image.open(path) as image:
-            return image.size[1], image.size[0]
-    except Exception:  # DALI's decoder names the bad file when it meets it
-        return CELEBA_SIZE[1], CELEBA_SIZE[0]
 
 
 def _authors_colour(images, gamma, contrast, channels, hue=None):
