@@ -84,3 +84,18 @@ def make_celeba_from_photographs(root, per_photograph=2):
     with open(os.path.join(root, "list_eval_partition.txt"), "w") as f:
         f.writelines(f"{name} 0\n" for name in names)
     return names
+
+
+def photograph_batch(n=8, size=64):
+    """n real photographs from scikit-image as a (n, 3, size, size) batch in [-1, 1]: square crops
+    (a photograph again at another offset after the six), area-averaged to size."""
+    import torch
+    from skimage import data
+    batch = []
+    for i in range(n):
+        pixels = getattr(data, PHOTOGRAPHS[i % len(PHOTOGRAPHS)])()[..., :3]
+        side = min(pixels.shape[:2]) * 3 // 4
+        top, left = (pixels.shape[0] - side) * (i // len(PHOTOGRAPHS)) // 2, (pixels.shape[1] - side) // 2
+        crop = torch.tensor(pixels[top:top + side, left:left + side]).permute(2, 0, 1).float()[None]
+        batch.append(torch.nn.functional.interpolate(crop, size=(size, size), mode="area"))
+    return torch.cat(batch) / 127.5 - 1

@@ -94,7 +94,14 @@ def decoder_gan_scale(cfg, batch, fakes):
 
 
 def _autocast(x, dtype):
-    return torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    """Autocast without its cache of low-precision weight copies: with the cache, a weight used by two
+    passes (the decoder on z and on z_p) has ONE bf16 copy, so the passes' weight gradients are summed
+    in bf16 before the cast back to fp32, and the decoder's gamma * L_llike gradient (1e-4 of its GAN
+    gradient at gamma 1e-6) rounds away. Uncached, each pass casts its own copy and its gradient
+    returns to fp32 before the sum. (Compiled graphs are traced with the cache off already.)"""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(x.device.type, dtype=dtype, cache_enabled=False)
 
 
 def _split(t, n):
