@@ -130,7 +130,9 @@ TORCH = os.path.dirname(torch.__file__) + os.sep
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_the_steps_between_log_steps_read_nothing_from_the_device(tmp_path, monkeypatch, compiled):
     """Counts every call that copies a tensor's value to the host, per step. On a GPU the same
-    loop runs under torch.cuda.set_sync_debug_mode("error") (test below)."""
+    loop runs under torch.cuda.set_sync_debug_mode("error") (test below). The CPU's own shortcut
+    (decisions read from host memory) is off here: this CPU run stands in for the device's path."""
+    monkeypatch.setattr(TrainStep, "read_cpu_decisions", False)
     original = TrainStep.gradients
     current = {"step": -1}
     reads = {}
@@ -364,3 +366,23 @@ def test_masked_steps_compiled_by_inductor_follow_the_host_rule():
         compiled(torch.tensor(update))
         for p, q in zip(reference.parameters(), net.parameters()):
             assert (p - q).abs().max() <= 1e-7 * p.abs().max()
+
+
+def test_on_a_cpu_the_optimizers_step_or_skip_plainly(monkeypatch):
+    # the decisions are in host memory: no masked step (no copies of parameters and state) runs
+    model, x, _, z_prior = make("vaegan", seed=3, dtype=torch.float32)
+    opts = {n: make_optimizer("rmsprop", "foreach", [{"params": list(net.parameters())}], 1e-3, False)
+            for n, net in model.networks().items()}
+    step = TrainStep(model, opts, StepConfig(gamma=1e-3), None, FastOptions())
+    masked = []
+    step.masked_steps = {name: lambda keep, name=name: masked.append(name) for name in opts}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step.gradients(x, z_prior, 5)
+    no = torch.tensor(False)
+    step.apply({"encoder": torch.tensor(True), "decoder": no, "discriminator": no})
+    assert not masked
+    moved = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"encoder"}
+    monkeypatch.setattr(TrainStep, "read_cpu_decisions", False)
+    step.apply({"encoder": no, "decoder": no, "discriminator": no})
+    assert sorted(masked) == ["decoder", "discriminator", "encoder"]

@@ -213,8 +213,8 @@ def add_train_arguments(parser):
            "and CPUs alike)")
     a("--optimizer-impl", choices=("auto", "for-loop", "foreach", "fused", "apex"), default=d.optimizer_impl,
       help="the optimizers' implementation: torch's for-loop, foreach (multi-tensor) or fused (Adam only) "
-           "kernels, or NVIDIA apex's FusedAdam if you have built apex (default: auto: fused for adam on CUDA, "
-           "else foreach)")
+           "kernels (default: auto: fused for adam on CUDA, else foreach); apex is refused: its FusedAdam counts "
+           "steps in a host integer that a skipped step cannot restore")
     a("--no-overlap-allreduce", dest="overlap_allreduce", action="store_false",
       help="multi-process: average all gradients in one all-reduce after the backward pass instead of in "
            "buckets that start while it runs")
