@@ -153,7 +153,10 @@ def add_train_arguments(parser):
     a("--steps", type=positive_int("--steps"), default=None,
       help=f"total training steps (default: {DEFAULT_STEPS_REAL_DATA}, the authors'; {BUILTIN_PRESET['steps']} on the built-in faces)")
     a("--lr", type=number("--lr"), default=d.lr,
-      help="learning rate at the start (default: 0.025/64 = 3.9e-4, the authors')")
+      help="learning rate at the start, whatever the global batch (default: 0.025/64 = 3.9e-4, the authors' at "
+           "their batch of 64; a global batch of 512 starts at it too: RMSProp divides by the gradients' RMS, so "
+           "the rate is the step's size, and the authors' '/ batch size' turned their batch-sum loss into the "
+           "per-step size they tuned at 64; taken literally at 512 it would step 8x smaller)")
     a("--lr-schedule", choices=SCHEDULES, default=d.lr_schedule,
       help="authors: annealed as in the authors' code, lr * (1 - (e/250)^0.75 * (1 - 4e-4)) in 250 equal pieces "
            "of --lr-schedule-steps (3.9e-4 to 1.3e-6 at the default lr); constant: lr throughout (default: authors; "
