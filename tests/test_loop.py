@@ -188,25 +188,6 @@ def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkey
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_bf16_training_follows_fp32_training(tmp_path):
-    """--precision auto picks bf16 on CUDA: over 200 steps, bf16 autocast (here on the CPU) keeps
-    the reconstruction terms of fp32 within 15% and the KL term within 35%, on average over the
-    second half (GAN training is chaotic: the two runs do not follow one trajectory, and the KL,
-    a few nats, moves most)."""
-    curves = {}
-    for precision in ("fp32", "bf16"):
-        cfg = TrainConfig(steps=200, log_every=5, sample_every=1000, precision=precision,
-                          width=0.25, out=str(tmp_path / precision), **{**TINY, "batch_size": 16})
-        trainer.train(cfg)
-        with open(tmp_path / precision / "metrics.jsonl") as f:
-            records = [json.loads(line) for line in f][20:]
-        curves[precision] = {n: sum(r[n] for r in records) / len(records) for n in ("pixel_error", "kl", "llike")}
-    tolerance = {"pixel_error": 0.15, "llike": 0.15, "kl": 0.35}
-    for name, value in curves["fp32"].items():
-        assert abs(curves["bf16"][name] / value - 1) < tolerance[name], curves
-    print(curves)
-
-
 def test_precision_auto_is_bf16_on_cuda_with_bf16_and_fp32_elsewhere(monkeypatch):
     assert trainer.resolve_precision(torch.device("cpu")) == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
