@@ -57,19 +57,37 @@ def write_digits(root):
     return os.path.join(root, "train"), os.path.join(root, "heldout")
 
 
-def train(model, data, out, steps, gamma, extra, log):
+def train(name, data, out, steps, gamma, extra, log, configuration=SMALL, checkpoints=CHECKPOINTS):
+    """train.py on `data` with `configuration` and `extra` options (the model among them), keeping a
+    checkpoint every steps // checkpoints; returns the seconds it took (None: an existing run reused)."""
     if os.path.exists(os.path.join(out, "checkpoint.pt")):
-        log(f"{model}: {out} holds a run; reusing it (delete it to train again)")
-        return
-    every = steps // CHECKPOINTS
-    args = [sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--model", model, "--steps", str(steps),
+        log(f"{name}: {out} holds a run; reusing it (delete it to train again)")
+        return None
+    every = steps // checkpoints
+    args = [sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--steps", str(steps),
             "--gamma", str(gamma), "--keep-every", str(every), "--checkpoint-every", str(every),
-            "--sample-every", str(steps // 4), "--log-every", "50", "--out", out, *SMALL, *extra]
+            "--sample-every", str(max(1, steps // 4)), "--log-every", "50", "--out", out, *configuration, *extra]
     start = time.time()
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{model}: training failed:\n{done.stderr[-3000:]}")
-    log(f"{model}: trained {steps} steps in {time.time() - start:.0f} s")
+        raise SystemExit(f"{name}: training failed:\n{done.stderr[-3000:]}")
+    log(f"{name}: trained {steps} steps in {time.time() - start:.0f} s")
+    return time.time() - start
+
+
+def heldout_curve(name, run, steps, heldout, log, scores=None, checkpoints=CHECKPOINTS, device="cpu"):
+    """Held-out reconstruction errors (pixel MSE, Dis_l) of the run's kept checkpoints; `scores(k, model)`
+    adds more to point k (1..checkpoints) as a dict. Returns the curve and the last model."""
+    curve, every = [], steps // checkpoints
+    for k in range(1, checkpoints + 1):
+        step = k * every
+        model = vaegan.load(os.path.join(run, f"checkpoint-{step:07d}.pt"), device)
+        pixel, features = reconstruction_errors(model, heldout, len(heldout), 120, device)
+        point = {"step": step, "heldout_pixel_mse": pixel, "heldout_dis_l_error": features, "n": len(heldout)}
+        point.update(scores(k, model) if scores else {})
+        curve.append(point)
+        log(f"{name} step {step}: " + json.dumps({key: v for key, v in point.items() if key != "step"}))
+    return curve, model
 
 
 def laplacian_rms(images):
@@ -79,13 +97,16 @@ def laplacian_rms(images):
     return lap.pow(2).mean(dim=(1, 2, 3)).sqrt().mean().item()
 
 
-def sample_scores(model, network, real, real_sharpness, n):
+def sample_scores(model, network, real, real_sharpness, n, device="cpu", fid=True):
+    """KID (one subset of all n: no spread to report), FID unless fid=False, and sharpness of n samples."""
     with torch.no_grad():
         samples = torch.cat([model.sample(min(100, n - s), seed=s) for s in range(0, n, 100)])
-    fake = inception.inception_features(network, samples.split(100), n, desc="samples").numpy()
-    kid, kid_std = kernel_inception_distance(real, fake, subset_size=n)  # one subset of all n: kid_std is 0
-    return {"kid": kid, "kid_std": kid_std, "fid": frechet_distance(*gaussian_statistics(real), *gaussian_statistics(fake)),
-            "sharpness_vs_heldout": laplacian_rms(samples) / real_sharpness, "n": n}
+    fake = inception.inception_features(network, samples.split(100), n, device, desc="samples").numpy()
+    scores = {"kid": kernel_inception_distance(real, fake, subset_size=n).mean,
+              "sharpness_vs_heldout": laplacian_rms(samples) / real_sharpness, "n": n}
+    if fid:
+        scores["fid"] = frechet_distance(*gaussian_statistics(real), *gaussian_statistics(fake))
+    return scores
 
 
 def main():
@@ -112,23 +133,20 @@ def main():
     originals = everything[:16]
     real_sharpness = laplacian_rms(everything)
     results = {}
-    every = args.steps // CHECKPOINTS
+
+    def scores(k, model):
+        point = {}
+        if k % (CHECKPOINTS // KID_POINTS) == 0 or k == CHECKPOINTS:
+            point["samples"] = sample_scores(model, network, real, real_sharpness, n_eval)
+            if model.encoder is not None:
+                with torch.no_grad():
+                    point["reconstruction_sharpness_vs_heldout"] = laplacian_rms(model.reconstruct(everything)) / real_sharpness
+        return point
+
     for name in args.models.split(","):
         run = os.path.join(args.out, "runs", name)
-        train(name, train_dir, run, args.steps, args.gamma, args.train_args.split(), log)
-        curve = []
-        for k in range(1, CHECKPOINTS + 1):
-            step = k * every
-            model = vaegan.load(os.path.join(run, f"checkpoint-{step:07d}.pt"))
-            pixel, features = reconstruction_errors(model, heldout, len(heldout), 120, "cpu")
-            point = {"step": step, "heldout_pixel_mse": pixel, "heldout_dis_l_error": features, "n": len(heldout)}
-            if k % (CHECKPOINTS // KID_POINTS) == 0 or k == CHECKPOINTS:
-                point["samples"] = sample_scores(model, network, real, real_sharpness, n_eval)
-                if model.encoder is not None:
-                    with torch.no_grad():
-                        point["reconstruction_sharpness_vs_heldout"] = laplacian_rms(model.reconstruct(everything)) / real_sharpness
-            curve.append(point)
-            log(f"{name} step {step}: " + json.dumps({key: v for key, v in point.items() if key != "step"}))
+        train(name, train_dir, run, args.steps, args.gamma, ["--model", name, *args.train_args.split()], log)
+        curve, model = heldout_curve(name, run, args.steps, heldout, log, scores)
         with torch.no_grad():
             save_grid(os.path.join(args.out, f"{name}-samples.png"), model.sample(32, seed=0))
             if model.encoder is not None:

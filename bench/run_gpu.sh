@@ -5,12 +5,14 @@
 #   bash bench/run_gpu.sh kernels loaders          # the next
 #   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each)
 #   bash bench/run_gpu.sh train                    # 300 real steps, fastest configuration
+#   bash bench/run_gpu.sh precision                # held-out learning curves: fastest vs eager fp32 (and the VAE)
 #   bash bench/run_gpu.sh loop                     # the whole loop against the bare step (bench/test_loop.py)
 #   bash bench/run_gpu.sh all                      # every stage in order (on a node without a time limit)
 #
 # Every stage runs under `timeout $STAGE_SECONDS` (540 by default) and writes its own file,
-# gpu-DATE-DEVICE-STAGE.txt (+ .json for benchmarks), under $OUT (the device tool's folder) or
-# bench/results/, headed by the device, the versions, the date and the command: commit them.
+# gpu-DATE-DEVICE-STAGE.txt (+ .json for benchmarks, .json and .md for precision), under $OUT
+# (the device tool's folder) or bench/results/, headed by the device, the versions, the date and
+# the command: commit them.
 # Compiled code is cached in .cache/ (ignored by git) so later stages on the same machine reuse it.
 # DALI is optional everywhere: without it the loader stages and the training run use PIL with
 # one worker per core, and say so.
@@ -60,6 +62,11 @@ for module, what in {**needed, **optional}.items():
         print(f"MISSING  {module}: needed for {what} ({type(e).__name__}: {e})")
         if module in needed:
             missing.append(module)
+try:
+    from vaegan.eval.features import weights_path
+    print(f"ok       the FID Inception weights ({weights_path()})")
+except Exception as e:
+    print(f"MISSING  the FID Inception weights: the precision stage's KID (optional: {e})")
 import torch
 print("cuda available:", torch.cuda.is_available(), "| bf16:", torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 raise SystemExit(f"missing: {', '.join(missing)}" if missing else 0)
@@ -105,11 +112,22 @@ train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs,
   return $rc
 }
 
-export -f preflight kerneltests tests bench train
-export out stamp device cores
+precision() {  # the fast path learns what the reference path learns: the same seed, images and steps
+  # (PRECISION_STEPS, 3,000 of 64 at 64 px) in the fastest mode, in eager fp32 and, if the time allows,
+  # the plain VAE in the fastest mode; held-out errors and KID along each run (bench/precision_curves.py)
+  local augment=""
+  python3 -c "import nvidia.dali" 2>/dev/null || { augment="--augment flip"
+    echo "no DALI: the PIL loader, flips only (the authors' augmentation costs ~20 ms per image per core in PIL)"; }
+  python3 bench/precision_curves.py --device cuda --out .cache/precision --steps "${PRECISION_STEPS:-3000}" \
+    --train-args="$augment" --deadline $((limit - 30)) \
+    --json "$out/gpu-$stamp-$device-precision.json" --md "$out/gpu-$stamp-$device-precision.md"
+}
+
+export -f preflight kerneltests tests bench train precision
+export out stamp device cores limit
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n 2,16p "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 train loop)
+[ ${#stages[@]} -eq 0 ] && { sed -n 2,18p "$0"; exit 2; }
+[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 train precision loop)
 for stage in "${stages[@]}"; do
   case $stage in
     preflight) run_stage preflight preflight ;;
@@ -119,7 +137,8 @@ for stage in "${stages[@]}"; do
     loaders) run_stage loaders bench loaders bench/test_loaders.py ;;
     step64|step256|step512) VAEGAN_BENCH_BATCHES=${stage#step} run_stage "$stage" bench "$stage" bench/test_step.py ;;
     train) run_stage train train ;;
+    precision) run_stage precision precision ;;
     loop) run_stage loop bench loop bench/test_loop.py -s ;;
-    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 train loop all)"; exit 2 ;;
+    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 train precision loop all)"; exit 2 ;;
   esac
 done

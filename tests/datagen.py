@@ -67,9 +67,12 @@ def make_attribute_folder(root, n=300, size=40, seed=0):
 PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
-def make_celeba_from_photographs(root, per_photograph=2):
+def make_celeba_from_photographs(root, per_photograph=2, test_every=0):
     """CelebA's layout with 178x218 PNG crops of real photographs that ship in scikit-image (real
-    edges and textures, unlike the generated images); every image in the training split."""
+    edges and textures, unlike the generated images): per_photograph crops of each, their offsets
+    scattered over the photograph (rows in order, columns in a stride-37 order). Every image is in
+    the training split, but with test_every > 0 every test_every-th crop is in the test split
+    (partition 2); those overlap other crops of the same photograph, so held out, not unseen."""
     from skimage import data
     images = os.path.join(root, "img_align_celeba")
     os.makedirs(images, exist_ok=True)
@@ -77,12 +80,14 @@ def make_celeba_from_photographs(root, per_photograph=2):
     for p, photo in enumerate(PHOTOGRAPHS):
         pixels = getattr(data, photo)()[..., :3]
         for k in range(per_photograph):
-            top, left = (pixels.shape[0] - 218) * k // per_photograph, (pixels.shape[1] - 178) * k // per_photograph
+            top = (pixels.shape[0] - 218) * k // per_photograph
+            left = (pixels.shape[1] - 178) * (k * 37 % per_photograph) // per_photograph
             name = f"{len(names) + 1:06d}.png"
             Image.fromarray(pixels[top:top + 218, left:left + 178]).save(os.path.join(images, name))
             names.append(name)
     with open(os.path.join(root, "list_eval_partition.txt"), "w") as f:
-        f.writelines(f"{name} 0\n" for name in names)
+        f.writelines(f"{name} {2 if test_every and i % test_every == test_every - 1 else 0}\n"
+                     for i, name in enumerate(names))
     return names
 
 

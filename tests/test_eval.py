@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, SMALL, run_train
+from datagen import make_celeba, make_folder
 from vaegan.data import BUILTIN, build_dataset
 from vaegan.eval import features as inception
+from vaegan.eval.evaluate import describe_real_images, evaluation_split, format_result
 from vaegan.eval.metrics import frechet_distance, gaussian_statistics, kernel_inception_distance, precision_recall
 
 N = 10
@@ -57,8 +59,8 @@ def test_fid_is_zero_against_itself_and_orders_other_sets(face_features):
 
 def test_kid_and_precision_recall_order_the_sets(face_features):
     f = face_features
-    kid_self, _ = kernel_inception_distance(f["real"], f["real"], subsets=3)
-    kid_noise, _ = kernel_inception_distance(f["real"], f["noise"], subsets=3)
+    kid_self = kernel_inception_distance(f["real"], f["real"], subsets=3).mean
+    kid_noise = kernel_inception_distance(f["real"], f["noise"], subsets=3).mean
     assert abs(kid_self) < 0.1 * kid_noise
     assert precision_recall(f["real"], f["real"]) == (1.0, 1.0)
     precision, recall = precision_recall(f["real"], f["noise"])
@@ -73,6 +75,32 @@ def test_inception_input_is_uint8_levels_mapped_like_the_reference():
     assert y.max().item() == pytest.approx((255 - 128) / 128, abs=1e-5)
 
 
+def test_kid_reports_a_spread_only_over_distinct_subsets():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 8)), rng.normal(size=(40, 8)) + 0.5
+    whole = kernel_inception_distance(a, b, subset_size=1000)  # subsets of all 40: the same set each time
+    assert (whole.subsets, whole.subset_size, whole.std) == (1, 40, None)
+    parts = kernel_inception_distance(a, b, subsets=5, subset_size=20)
+    assert (parts.subsets, parts.subset_size) == (5, 20) and parts.std > 0
+    result = {"fid": 1.0, "num_samples": 40, "kid": whole.mean, "kid_std": whole.std, "kid_subsets": 1,
+              "kid_subset_size": 40, "precision": 0.5, "recall": 0.5, "reconstruction_pixel_mse": None,
+              "reconstruction_dis_l_error": None}
+    assert f"KID {whole.mean:.5f} (1 subset of n=40)" in format_result(result) and "+-" not in format_result(result)
+    result.update(kid=parts.mean, kid_std=parts.std, kid_subsets=5, kid_subset_size=20)
+    assert f"KID {parts.mean:.5f} +- {parts.std:.5f} (std over 5 subsets of 20 of n=40)" in format_result(result)
+
+
+def test_the_real_images_are_described_by_their_split_only_where_they_have_one(tmp_path):
+    make_celeba(str(tmp_path / "celeba"), n=8)
+    celeba = build_dataset(str(tmp_path / "celeba"), "test", 32, 3)
+    assert describe_real_images(str(tmp_path / "celeba"), celeba, "test", 2, "x") == \
+        f"all 2 images of CelebA's test split in {tmp_path / 'celeba'}"
+    make_folder(str(tmp_path / "heldout"), n=5)
+    folder = build_dataset(str(tmp_path / "heldout"), evaluation_split(str(tmp_path / "heldout")), 32, 3)
+    text = describe_real_images(str(tmp_path / "heldout"), folder, "train", 3, BUILTIN)
+    assert text == f"the first 3 of 5 images of {tmp_path / 'heldout'}: no split" and "train" not in text
+
+
 def test_vaegan_eval_end_to_end_with_cached_real_statistics(tmp_path):
     out = tmp_path / "run"
     assert run_train(SMALL + ["--steps", "2", "--out", str(out)]).returncode == 0
@@ -80,11 +108,22 @@ def test_vaegan_eval_end_to_end_with_cached_real_statistics(tmp_path):
     first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "FID" in first.stdout and "(n=6)" in first.stdout and "Dis_l error" in first.stdout
+    assert "KID" in first.stdout and "(1 subset of n=6)" in first.stdout and "+-" not in first.stdout
+    assert "images of the built-in faces: no split, the run's own training images" in first.stderr
     second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert "real-set features from the cache" in second.stderr
     result = json.loads((out / "eval-0000002.json").read_text())
     assert result["num_samples"] == 6 and np.isfinite(result["fid"])
+    assert result["kid_std"] is None and (result["kid_subsets"], result["kid_subset_size"]) == (1, 6)
+    assert result["split"] is None and result["data_images"] == 100
     assert f"FID {result['fid']:.3f}" in second.stdout  # the cache gives the same score
+
+    heldout = tmp_path / "heldout"  # a plain folder given with --data: named as it is, never "split train"
+    make_folder(str(heldout), n=4)
+    third = subprocess.run(command + ["--data", str(heldout), "--num-samples", "4"], capture_output=True, text=True,
+                           cwd=ROOT)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert f"4 real images (all 4 images of {heldout}: no split)" in third.stderr and "split train" not in third.stderr
 
 
 def test_vaegan_eval_of_a_missing_run_is_a_clear_error(tmp_path):

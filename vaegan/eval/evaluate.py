@@ -13,9 +13,23 @@ from . import features as inception
 from .metrics import frechet_distance, gaussian_statistics, kernel_inception_distance, precision_recall
 
 
+def is_celeba(data):
+    return data != BUILTIN and os.path.isdir(os.path.join(data, CELEBA_IMAGES))
+
+
 def evaluation_split(data):
-    """CelebA's test partition; other data have no held-out split and are used whole."""
-    return "test" if data != BUILTIN and os.path.isdir(os.path.join(data, CELEBA_IMAGES)) else "train"
+    """CelebA's test partition; other data have no held-out split and are used whole (as build_dataset's "train")."""
+    return "test" if is_celeba(data) else "train"
+
+
+def describe_real_images(data, dataset, split, n, training_data):
+    """The real images of eval's first line, honestly: CelebA's split by name; other data by what they are."""
+    first = f"all {n}" if n == len(dataset) else f"the first {n} of {len(dataset)}"
+    if is_celeba(data):
+        return f"{first} images of CelebA's {split} split in {data}"
+    where = "the built-in faces" if data == BUILTIN else data
+    own = os.path.abspath(data) == os.path.abspath(training_data)
+    return f"{first} images of {where}: no split" + (", the run's own training images" if own else "")
 
 
 def real_batches(dataset, n, batch_size):
@@ -88,7 +102,8 @@ def evaluate(run, num_samples=1000, data=None, batch_size=50, device="cpu", seed
         raise DataError(f"--num-samples must be at least 2, and the data must hold 2 images (got {n})")
     network = inception.load_inception(device)
     digest = inception.weights_digest(inception.weights_path())
-    log(f"vaegan eval: {n} real images ({dataset.name}, split {split}) against {n} samples of step {model.run_step}")
+    log(f"vaegan eval: {n} real images ({describe_real_images(data, dataset, split, n, cfg['data'])}) "
+        f"against {n} samples of step {model.run_step}")
     real = cached_real_features(run_dir, dataset, data, split, cfg, n, batch_size, network, digest, device, log)
 
     table = model_attributes(model, dataset)  # conditional models generate with the real images' attributes
@@ -99,19 +114,29 @@ def evaluate(run, num_samples=1000, data=None, batch_size=50, device="cpu", seed
             yield model.sample(count, seed=seed + start, attributes=rows(table, start, start + count))
     fake = inception.inception_features(network, generated_batches(), n, device, desc="samples").numpy()
     fid = frechet_distance(*gaussian_statistics(real), *gaussian_statistics(fake))
-    kid, kid_std = kernel_inception_distance(real, fake, subset_size=min(1000, n))
+    kid = kernel_inception_distance(real, fake, subset_size=min(1000, n))  # n <= 1000: one subset, no std
     precision, recall = precision_recall(real, fake)
     pixel_error, feature_error = reconstruction_errors(model, dataset, n, batch_size, device)
-    result = {"step": model.run_step, "num_samples": n, "fid": fid, "kid": kid, "kid_std": kid_std,
+    result = {"step": model.run_step, "num_samples": n, "fid": fid, "kid": kid.mean, "kid_std": kid.std,
+              "kid_subsets": kid.subsets, "kid_subset_size": kid.subset_size,
               "precision": precision, "recall": recall, "reconstruction_pixel_mse": pixel_error,
-              "reconstruction_dis_l_error": feature_error, "data": data, "split": split}
+              "reconstruction_dis_l_error": feature_error, "data": data,
+              "split": split if is_celeba(data) else None, "data_images": len(dataset)}
     checkpoint.write_json(os.path.join(run_dir, f"eval-{model.run_step:07d}.json"), result)
     return result
 
 
+def format_kid(result):
+    subsets, size = result["kid_subsets"], result["kid_subset_size"]
+    if result["kid_std"] is None:
+        return f"KID {result['kid']:.5f} ({subsets} subset of n={size})"
+    return (f"KID {result['kid']:.5f} +- {result['kid_std']:.5f} "
+            f"(std over {subsets} subsets of {size} of n={result['num_samples']})")
+
+
 def format_result(result):
     n = result["num_samples"]
-    lines = [f"FID {result['fid']:.3f} (n={n})", f"KID {result['kid']:.5f} +- {result['kid_std']:.5f} (n={n})",
+    lines = [f"FID {result['fid']:.3f} (n={n})", format_kid(result),
              f"precision {result['precision']:.3f}, recall {result['recall']:.3f} (n={n}, k=3)"]
     if result["reconstruction_pixel_mse"] is not None:
         lines.append(f"reconstruction: pixel MSE {result['reconstruction_pixel_mse']:.5f} (n={n})")

@@ -1,5 +1,10 @@
 """FID, KID and precision/recall on Inception features (numpy, float64)."""
+from collections import namedtuple
+
 import numpy as np
+
+# std: over the subsets; None where there is one subset (nothing to spread: never a fake 0)
+KID = namedtuple("KID", "mean std subsets subset_size")
 
 
 def gaussian_statistics(features):
@@ -26,10 +31,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def kernel_inception_distance(real, fake, subsets=10, subset_size=1000, seed=0):
     """KID: the unbiased MMD^2 with the kernel (x.y / d + 1)^3, averaged over random subsets.
 
-    Returns (mean, standard deviation over subsets)."""
+    Returns KID(mean, std over subsets, subsets, subset size). A subset as large as both sets is
+    the same set every time: one subset is computed then, and std is None."""
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     d = real.shape[1]
     m = min(subset_size, len(real), len(fake))
+    if m == len(real) == len(fake):
+        subsets = 1
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(subsets):
@@ -38,7 +46,7 @@ def kernel_inception_distance(real, fake, subsets=10, subset_size=1000, seed=0):
         kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
         mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
         values.append(mmd)
-    return float(np.mean(values)), float(np.std(values))
+    return KID(float(np.mean(values)), float(np.std(values)) if subsets > 1 else None, subsets, m)
 
 
 def _kth_neighbour_radii(features, k):
