@@ -13,8 +13,10 @@ from vaegan.fast import FastOptions, TrainStep, make_optimizer  # noqa: E402
 from vaegan.models import VAEGAN  # noqa: E402
 from vaegan.step import StepConfig  # noqa: E402
 
-CONFIGS = {"64 px, paper networks, batch 16": dict(image_size=64, channels=3, width=1.0, latent=128, fc=1024),
-           "32 px grey, quarter width, batch 16": dict(image_size=32, channels=1, width=0.25, latent=16, fc=64)}
+CONFIGS = {"64 px, paper networks, batch 16": dict(image_size=64, channels=3, width=1.0, latent=128, fc=1024, batch=16),
+           "32 px grey, quarter width, batch 16": dict(image_size=32, channels=1, width=0.25, latent=16, fc=64, batch=16),
+           "the built-in demo (32 px grey, full width, batch 32)": dict(image_size=32, channels=1, width=1.0, latent=128,
+                                                                      fc=1024, batch=32)}
 FORMATS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
 
@@ -25,20 +27,23 @@ def img_per_s(c, precision, channels_last):
                   for n, net in model.networks().items()}
     step = TrainStep(model, optimizers, StepConfig(gamma=1e-6), torch.bfloat16 if precision == "bf16" else None,
                      FastOptions(channels_last=channels_last))
-    x = torch.rand(16, c["channels"], c["image_size"], c["image_size"]) * 2 - 1
-    z = torch.randn(16, c["latent"])
+    x = torch.rand(c["batch"], c["channels"], c["image_size"], c["image_size"]) * 2 - 1
+    z = torch.randn(c["batch"], c["latent"])
     times = []
     for i in range(7):
         start = time.perf_counter()
         update, _ = step.decisions(step.gradients(x, z, i))
         step.apply(update)
         times.append(time.perf_counter() - start)
-    return 16 / sorted(times[2:])[2]
+    return c["batch"] / sorted(times[2:])[2]
 
 
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    only = sys.argv[1:]  # names' first words to run, e.g. "the" for the demo; default: all
     for name, c in CONFIGS.items():
+        if only and name.split()[0] not in only:
+            continue
         rates = {f"{p} {'channels-last' if cl else 'contiguous'}": img_per_s(c, p, cl) for p, cl in FORMATS}
         base = rates["fp32 contiguous"]
         print(name + ": " + ", ".join(f"{k} {v:.1f} img/s ({v / base:.2f}x)" for k, v in rates.items()))

@@ -47,7 +47,7 @@ def resolved(cfg):
     """`cfg` with every default resolved as the loop resolves it."""
     cfg = cfg.resolved()
     if cfg.precision == "auto":
-        cfg = replace(cfg, precision=trainer.resolve_precision(torch.device(DEVICE)))
+        cfg = replace(cfg, precision=trainer.resolve_precision(torch.device(DEVICE))[0])
     return cfg
 
 

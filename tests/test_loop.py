@@ -188,12 +188,15 @@ def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkey
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_precision_auto_is_bf16_on_cuda_with_bf16_and_fp32_elsewhere(monkeypatch):
-    assert trainer.resolve_precision(torch.device("cpu")) == "fp32"
+def test_precision_auto_is_bf16_where_the_device_has_bf16_and_fp32_elsewhere(monkeypatch):
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert trainer.resolve_precision(torch.device("cpu"))[0] == "fp32"
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert trainer.resolve_precision(torch.device("cpu")) == ("bf16", "auto: this CPU has bf16 instructions")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert trainer.resolve_precision(torch.device("cuda", 0)) == "bf16"
+    assert trainer.resolve_precision(torch.device("cuda", 0))[0] == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert trainer.resolve_precision(torch.device("cuda", 0)) == "fp32"
+    assert trainer.resolve_precision(torch.device("cuda", 0))[0] == "fp32"
 
 
 def test_the_loop_does_not_wait_for_a_slow_checkpoint_writer(tmp_path, monkeypatch):

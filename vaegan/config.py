@@ -56,7 +56,7 @@ class TrainConfig:
     sync_bn: bool = False
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # bf16 on CUDA devices that support it, fp32 elsewhere
+    precision: str = "auto"  # bf16 on CUDA devices that support it and on CPUs with bf16 instructions
     kernels: str = "auto"   # triton on CUDA, torch elsewhere
     compile: bool = False
     cuda_graphs: bool = False
@@ -200,7 +200,7 @@ def add_train_arguments(parser):
     a("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: auto: cuda if available)")
     a("--precision", choices=("auto", "fp32", "bf16", "fp64"), default=d.precision,
       help="fp32, bf16 autocast, or fp64 (slow; for checking numerics) (default: auto: bf16 on CUDA devices that "
-           "support it, fp32 elsewhere)")
+           "support it and on CPUs with bf16 instructions, where it is faster; fp32 elsewhere)")
     a("--kernels", choices=("auto", "torch", "triton"), default=d.kernels,
       help="loss implementation: the fused Triton kernels or the PyTorch reference losses "
            "(default: auto: triton on CUDA, torch elsewhere; on a CPU triton needs TRITON_INTERPRET=1)")

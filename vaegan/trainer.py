@@ -88,12 +88,23 @@ def conditioning_columns(cfg, dataset):
     return names, [dataset.attribute_names.index(n) for n in names]
 
 
+def cpu_has_native_bf16():
+    """bf16 instructions (AVX512-BF16 or AMX): without them a CPU emulates bf16, slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def resolve_precision(device):
-    """--precision auto: bf16 autocast on CUDA devices with bf16 (Ampere and later), fp32 elsewhere
-    (README: what bf16 does on a CPU)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    """--precision auto -> (precision, why): bf16 autocast on CUDA devices with bf16 (Ampere and
+    later) and on CPUs with bf16 instructions (the built-in demo's step ran 1.7x fp32 on one:
+    bench/results/cpu-20261202-formats.txt), fp32 elsewhere."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this CUDA device has bf16"
+        return "fp32", "auto: this CUDA device has no bf16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16", "auto: this CPU has bf16 instructions"
+    return "fp32", "auto: no bf16 instructions on this CPU (bf16 would be emulated, slower than fp32)"
 
 
 def resolve_loader(choice, device, dataset):
@@ -240,7 +251,9 @@ def train(cfg):
         elif device.type == "cuda" and device.index is None:  # DALI and the checks need the index
             device = torch.device("cuda", torch.cuda.current_device())
         if cfg.precision == "auto":  # decided once: config.json and a resumed run keep the choice
-            cfg = replace(cfg, precision=resolve_precision(device))
+            precision, why = resolve_precision(device)
+            cfg = replace(cfg, precision=precision)
+            log(ctx, f"vaegan: precision {precision} ({why})")
         return run(cfg, ctx, device, saved)
     finally:
         distributed.teardown(ctx)
