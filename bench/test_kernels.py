@@ -2,7 +2,7 @@
 
 Reported in extra_info: the eager time measured in the same run, the speed-up (eager / fused),
 the bytes the fused op must move and the bandwidth it achieved, as a fraction of the device's
-HBM bandwidth where the device is known. Targets (issue 3): >= 3x at batch 256 for each op,
+HBM bandwidth where the device is known. Targets: >= 3x at batch 256 for each op,
 >= 70% of HBM bandwidth for feature_nll at batch 1024.
 """
 import pytest

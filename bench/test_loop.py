@@ -5,7 +5,7 @@ checkpoints at their default intervals; its rate is read from metrics.jsonl over
 after warm-up (compilation and the first steps excluded). The bare step is the same model and
 step (gradients, the device-side decisions, the masked optimizer steps) on one batch held on the
 device, nothing else. Reported in extra_info: loop_img_per_s, step_img_per_s and their ratio.
-Goal (issue 12): >= 0.95 on a GPU; >= 0.9 on a CPU at the small configuration used there.
+Goal: >= 0.95 on a GPU; >= 0.9 on a CPU at the small configuration used there.
 """
 import json
 import os

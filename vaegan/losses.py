@@ -1,4 +1,4 @@
-"""The reference losses, per sample, in plain PyTorch (REFERENCE.md §1).
+"""The reference losses, per sample, in plain PyTorch (the paper's section 2).
 
 Each returns one value per sample (shape (N,)), summed over features; the training step
 takes the batch mean. These are the specification the fused kernels are tested against.

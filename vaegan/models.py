@@ -1,4 +1,4 @@
-"""The three networks of the VAE/GAN (Larsen et al. 2016), CelebA configuration (REFERENCE.md §3).
+"""The three networks of the VAE/GAN (Larsen et al. 2016), CelebA configuration (the authors' `architectures.py` `img64x64`).
 
 64x64 images use three stride-2 stages; 32x32 images use one stage fewer, so that every
 network still works on a 256x8x8 representation (and `Dis_l` is the 3rd convolution).
@@ -157,7 +157,7 @@ class VAEGAN(nn.Module):
     """The networks a run trains: which exist depends on the model kind.
 
     vaegan, vae-disl: encoder, decoder, discriminator; vae: encoder, decoder; gan: decoder,
-    discriminator. The conditional kinds (cvaegan, cvae, cgan: REFERENCE.md §5.3) have the same
+    discriminator. The conditional kinds (cvaegan, cvae, cgan: the paper's attribute-conditional generation) have the same
     networks as their base kind, and every network sees the attribute vector y (+-1 per
     attribute_names entry), as the authors' conditional code does: appended to z for the decoder,
     as constant channels appended to the image for the encoder (q(z | x, y)) and the discriminator.

@@ -1,4 +1,4 @@
-"""The learning rate over a run: the authors' annealing (REFERENCE.md §3) or a constant.
+"""The learning rate over a run: the authors' annealing (the authors' `aegan.py`: GammaAnnealer(0.025, 1e-5, 250, 0.75) / 64) or a constant.
 
 The authors' code (aegan.train, DeepPy's GammaAnnealer(0.025, 1e-5, 250, gamma=0.75), divided by
 the batch of 64) sets the rate once per 250-step epoch, for 250 epochs:

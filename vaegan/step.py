@@ -1,4 +1,4 @@
-"""Who learns from what: the split update of the VAE/GAN (REFERENCE.md §2).
+"""Who learns from what: the split update of the VAE/GAN (the paper's Algorithm 1; the authors' `model/aegan.py`).
 
     encoder       descends  KL + L_llike
     decoder       descends  gamma * L_llike + (1 - gamma) * L_gen   (L_gen: minimax or non-saturating)
@@ -7,8 +7,8 @@
 L_dis weights reals and fakes (0.5/0.5); L_gen does not: in the authors' code the gradient is
 scaled by each sample's weight w entering the discriminator's loss and by 1/w leaving its input,
 so the decoder's term is the unweighted cross-entropy, sum over the batch's reals and fakes
-divided by the batch size (REFERENCE.md §2). Minimax: L_gen = -(L_dis with the weights undone);
-non-saturating: L_gen = sum over fakes of -log Dis(fake), divided by the batch size.
+divided by the batch size (`model/aegan.py`: WeightedParameter, ScaleGradient). Minimax: L_gen =
+-(L_dis with the weights undone); non-saturating: L_gen = sum over fakes of -log Dis(fake), divided by the batch size.
 
 `compute_gradients` gets all three from one forward and ONE backward pass, by routing:
   * Dis_l for L_llike is evaluated with the discriminator's parameters detached, so the

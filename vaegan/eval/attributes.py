@@ -1,4 +1,4 @@
-"""Visual attribute vectors (REFERENCE.md §5.2): mean code with an attribute minus mean code without,
+"""Visual attribute vectors (the paper's attribute-vector experiment): mean code with an attribute minus mean code without,
 added to the codes of test images and decoded."""
 import torch
 

@@ -1,4 +1,4 @@
-"""The attribute regressor of the conditional experiment (REFERENCE.md §5.3) and the paper's Table 1.
+"""The attribute regressor of the conditional experiment (the paper's attribute-conditional generation) and the paper's Table 1.
 
 A small CNN is trained on real images to read their attributes (+-1 targets, squared error).
 It then scores conditional generation: images are generated from the attribute vectors of held-out
