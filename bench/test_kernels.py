@@ -10,7 +10,7 @@ import torch
 
 import kernels
 from timing import CUDA, DEVICE, device_peak, median_seconds, sync
-from vaegan import losses
+from kernels import reference as losses
 
 BATCHES = [64, 256, 1024] if CUDA else [2]
 LATENT = 128

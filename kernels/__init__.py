@@ -5,16 +5,39 @@
     gan_loss(logits_real, logits_fake, real_weight, fake_weight)
         -> (dis_loss, gen_loss, real_cost, fake_cost)           kernels/gan.py
 
+Their references (`reparam_kl_reference`, ...) and the per-sample losses they are built from are in
+kernels/reference.py, which needs no Triton. `op_set(name)` gives the step one set, chosen once:
+the fused ops or their references. This package imports nothing from `vaegan`.
+
 The ops are torch.library.triton_op custom ops with autograd, so torch.compile traces into
 them. On a CPU they run only under Triton's interpreter: TRITON_INTERPRET=1 must be set
 before this package's kernels are first imported. `import kernels` itself never needs triton.
 """
+import functools
 import importlib
 import os
+from types import SimpleNamespace
 
-OPS = {"reparam_kl": "reparam", "reparam_kl_reference": "reparam",
-       "feature_nll": "likelihood", "feature_nll_reference": "likelihood",
-       "gan_loss": "gan", "gan_loss_reference": "gan"}
+OPS = {"reparam_kl": "reparam", "reparam_kl_reference": "reference",
+       "feature_nll": "likelihood", "feature_nll_reference": "reference",
+       "gan_loss": "gan", "gan_loss_reference": "reference"}
+OP_SETS = ("torch", "triton")
+
+
+def op_set(name, gan_loss_form="logits"):
+    """The ops the step calls, reparam_kl, feature_nll and gan_loss (signatures above): "triton", the
+    fused kernels (the exact log-loss from logits only); "torch", their references, in `gan_loss_form`
+    ("logits", or "eps": the authors' log(p + 1e-3))."""
+    if name == "triton":
+        if gan_loss_form != "logits":
+            raise ValueError(f"the fused gan_loss computes the log-loss from logits, not the {gan_loss_form!r} form")
+        return SimpleNamespace(name=name, **{op: __getattr__(op) for op in ("reparam_kl", "feature_nll", "gan_loss")})
+    if name == "torch":
+        from . import reference
+        return SimpleNamespace(name=name, reparam_kl=reference.reparam_kl_reference,
+                               feature_nll=reference.feature_nll_reference,
+                               gan_loss=functools.partial(reference.gan_loss_reference, form=gan_loss_form))
+    raise ValueError(f"op set {name!r} is not one of {', '.join(OP_SETS)}")
 
 
 def interpreter_enabled():

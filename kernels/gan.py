@@ -14,8 +14,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from vaegan import losses
-
 from .checks import check_batch
 from .launch import launcher
 
@@ -117,10 +115,3 @@ def gan_loss(logits_real, logits_fake, real_weight=0.5, fake_weight=0.5):
                    float(real_weight), float(fake_weight))
     return out[0], out[1], out[2].detach(), out[3].detach()
 
-
-def gan_loss_reference(logits_real, logits_fake, real_weight=0.5, fake_weight=0.5):
-    real, fake = logits_real.float().reshape(-1), logits_fake.float().reshape(-1)
-    dis_loss = real_weight * losses.real_log_loss(real).mean() + fake_weight * losses.fake_log_loss(fake).mean()
-    gen_loss = fake_weight * losses.real_log_loss(fake).mean()
-    real_cost, fake_cost = losses.equilibrium_costs(real.detach(), fake.detach())
-    return dis_loss, gen_loss, real_cost, fake_cost

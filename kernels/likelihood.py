@@ -9,8 +9,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from vaegan import losses
-
 from .checks import check_batch
 from .launch import launcher
 
@@ -85,7 +83,3 @@ def feature_nll(features_fake, features_real):
     real = features_real.detach().contiguous().reshape(rows, -1).to(fake.dtype)
     return _forward(fake, real)
 
-
-def feature_nll_reference(features_fake, features_real):
-    """The reference loss, accumulated in float32, the real features a constant target."""
-    return losses.feature_nll(features_fake.float(), features_real.detach().float())

@@ -12,8 +12,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from vaegan import losses
-
 from . import philox
 from .checks import check_matrix
 from .launch import launcher
@@ -99,11 +97,3 @@ def reparam_kl(mu, logvar, seed, row_offset=0):
     seed: an int or an integer tensor of one element (taken modulo 2**31)."""
     check_matrix("reparam_kl", mu=mu, logvar=logvar)
     return _forward(mu.contiguous(), logvar.contiguous(), philox.seed_tensor(seed, mu.device), int(row_offset))
-
-
-def reparam_kl_reference(mu, logvar, seed, row_offset=0):
-    """The same computation in plain PyTorch, with the same noise."""
-    eps = philox.rows_randn(seed, mu.shape[0], mu.shape[1], row_offset, device=mu.device)
-    mu32, logvar32 = mu.float(), logvar.float()
-    z = mu32 + torch.exp(0.5 * logvar32) * eps
-    return z.to(mu.dtype), losses.kl_divergence(mu32, logvar32)

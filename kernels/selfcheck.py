@@ -16,13 +16,13 @@ TOLERANCE = 1e-4  # the kernels compute in float32; the check runs in float32
 @dataclass
 class Op:
     name: str
-    module: str                      # kernels.<module> holds `name` and `name`_reference
+    module: str                      # kernels.<module> holds `name`; kernels.reference holds `name`_reference
     inputs: Callable                 # (generator, device) -> (differentiable tensors, other arguments)
     fused: Callable = None           # default: kernels.<module>.<name>, looked up at check time
 
     def functions(self):
-        module = importlib.import_module(f"kernels.{self.module}")
-        return self.fused or getattr(module, self.name), getattr(module, f"{self.name}_reference")
+        module, reference = importlib.import_module(f"kernels.{self.module}"), importlib.import_module("kernels.reference")
+        return self.fused or getattr(module, self.name), getattr(reference, f"{self.name}_reference")
 
 
 def _randn(generator, device, *shape, scale=1.0):

@@ -20,17 +20,17 @@ divided by the batch size (`model/aegan.py`: WeightedParameter, ScaleGradient). 
 `compute_gradients_reference` takes the same gradients the slow, obvious way (one loss per
 network, three gradient computations): the tests hold the fast path to it.
 Both leave every gradient in `.grad` and step no optimizer: all gradients of a step come from
-the parameters as they were at its start. The losses come from vaegan/losses.py or, with
-`kernels="triton"`, from the fused kernels in kernels/ (the same values, the same noise).
+the parameters as they were at its start. The routed step's losses come from the op set its
+config names, chosen once (kernels.op_set): the references in kernels/reference.py ("torch") or the
+fused kernels ("triton"): the same values, the same noise.
 """
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from kernels import philox
-
-from . import losses
+import kernels
+from kernels import reference as losses
 
 
 @dataclass
@@ -46,6 +46,10 @@ class StepConfig:
     equilibrium_value: float = 0.68
     margin: float = 0.35
     kernels: str = "torch"         # "torch" (reference losses) or "triton" (the fused kernels)
+    ops: object = field(default=None, init=False, repr=False, compare=False)  # kernels.op_set(kernels)
+
+    def __post_init__(self):
+        self.ops = kernels.op_set(self.kernels, self.gan_loss_form)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -125,10 +129,6 @@ def non_saturating_generator_loss(cfg, logits_fake):
     return cfg.fake_weight * real_loss(logits_fake).mean()
 
 
-def at_least_fp32(t):
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def pixel_mse(x_rec, x):
     """Mean squared pixel error of the reconstructions: a diagnostic, no network descends it here."""
     return (x_rec.detach().float() - x.float()).pow(2).mean()
@@ -140,32 +140,8 @@ def _stats(**tensors):
 
 def _reparameterise(cfg, mu, logvar, noise_seed, row_offset):
     """(z, batch-mean KL); eps is Philox noise at (noise_seed, (row_offset + row) * D + column)."""
-    if cfg.kernels == "triton":
-        import kernels
-        z, kl = kernels.reparam_kl(mu, logvar, noise_seed, row_offset)
-        return z, kl.mean()
-    eps = philox.rows_randn(noise_seed, mu.shape[0], mu.shape[1], row_offset, device=mu.device)
-    mu, logvar = at_least_fp32(mu), at_least_fp32(logvar)
-    return mu + torch.exp(0.5 * logvar) * eps, losses.kl_divergence(mu, logvar).mean()
-
-
-def _gaussian_nll(cfg, fake, real):
-    """Batch mean of 1/2 ||fake - real||^2 per sample; `real` is a target."""
-    if cfg.kernels == "triton":
-        import kernels
-        return kernels.feature_nll(fake, real).mean()
-    return losses.feature_nll(at_least_fp32(fake), at_least_fp32(real.detach())).mean()
-
-
-def _gan_terms(cfg, logits_real, logits_fake):
-    """(L_dis, the non-saturating decoder term, real cost, fake cost)."""
-    if cfg.kernels == "triton":
-        import kernels
-        return kernels.gan_loss(logits_real, logits_fake, cfg.real_weight, cfg.fake_weight)
-    logits_real, logits_fake = at_least_fp32(logits_real), at_least_fp32(logits_fake)
-    real_cost, fake_cost = losses.equilibrium_costs(logits_real.detach(), logits_fake.detach())
-    return (discriminator_loss(cfg, logits_real, logits_fake), non_saturating_generator_loss(cfg, logits_fake),
-            real_cost, fake_cost)
+    z, kl = cfg.ops.reparam_kl(mu, logvar, noise_seed, row_offset)
+    return z, kl.mean()
 
 
 def compute_gradients(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dtype=None, attributes=None):
@@ -200,11 +176,11 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
             x_rec_llike = scale_grad(x_rec, w)    # ... and the decoder at weight w
             pixel_error = pixel_mse(x_rec, x)
             if dis is None:  # plain VAE: the Gaussian in pixel space
-                llike = _gaussian_nll(cfg, x_rec_llike, x)
+                llike = cfg.ops.feature_nll(x_rec_llike, x).mean()
             else:
                 features_rec, features_real = _split(
                     frozen(dis, torch.cat([x_rec_llike, x]), _cat(y, y), features_only=True), batch)
-                llike = _gaussian_nll(cfg, features_rec, features_real.detach())
+                llike = cfg.ops.feature_nll(features_rec, features_real.detach()).mean()
             total = kl + llike
         if dis is not None:
             y_fakes = y
@@ -222,14 +198,16 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
             # minimax: the decoder descends -L_dis (weights undone), the discriminator's gradient reversed at the fakes
             fakes_for_dis = scale_grad(fakes, -gan_scale) if minimax else fakes.detach()
             logits_real, logits_fake = _split(dis(torch.cat([x, fakes_for_dis]), _cat(y, y_fakes)), batch)
-            dis_loss, _, real_cost, fake_cost = _gan_terms(cfg, logits_real, logits_fake)
+            dis_loss, _, real_cost, fake_cost = cfg.ops.gan_loss(logits_real, logits_fake, cfg.real_weight,
+                                                                 cfg.fake_weight)
             total = total + dis_loss
             if cfg.kind != "vae-disl":
                 if minimax:
                     gen_loss = -gan_scale * dis_loss  # reported; its gradient is already routed
                 else:
                     frozen_real, frozen_fake = _split(frozen(dis, torch.cat([x, fakes]), _cat(y, y_fakes)), batch)
-                    gen_loss = gan_scale * _gan_terms(cfg, frozen_real.detach(), frozen_fake)[1]
+                    gen_loss = gan_scale * cfg.ops.gan_loss(frozen_real.detach(), frozen_fake, cfg.real_weight,
+                                                            cfg.fake_weight)[1]
                     total = total + gen_loss
     return total, _stats(kl=kl, llike=llike, dis_loss=dis_loss, gen_loss=gen_loss, real_cost=real_cost,
                          fake_cost=fake_cost, pixel_error=pixel_error)
