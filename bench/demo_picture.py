@@ -1,5 +1,5 @@
 """The demo's first picture: how much checkerboard the default `python train.py` leaves, and which
-training choice puts it there (issue 16, item 5).
+training choice puts it there.
 
     python bench/demo_picture.py --root /tmp/demo --variants base,fan-in,gamma1e-2 [--results FILE]
     python bench/demo_picture.py --measure RUN_DIR [--data spline3]
