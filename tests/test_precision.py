@@ -70,7 +70,7 @@ def test_batchnorm_statistics_of_bf16_activations_are_taken_in_fp32():
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
-def test_bf16_training_learns_what_fp32_training_learns(tmp_path):
+def test_bf16_training_learns_what_fp32_training_learns(tmp_path, monkeypatch):
     """The paper's gamma (1e-6), real images (scikit-learn's digits, 359 held out), quarter-width
     networks at 32 px, 600 steps from the same seed in fp32 and in bf16 autocast (on the CPU here).
 
@@ -80,11 +80,9 @@ def test_bf16_training_learns_what_fp32_training_learns(tmp_path):
     4% (pixels) and 11% (Dis_l), and bf16 differed from fp32 by 6-13% and 1-7% over two seeds: GAN
     training does not follow one trajectory, so twice the largest difference seen is allowed. Both
     runs must also have learnt: their pixel error well below the untrained model's."""
-    import sys
-    sklearn = pytest.importorskip("sklearn", reason="the digits ship in scikit-learn (pip install -e '.[test]')")
-    del sklearn
+    pytest.importorskip("sklearn", reason="the digits ship in scikit-learn (pip install -e '.[test]')")
     from conftest import ROOT
-    sys.path.insert(0, f"{ROOT}/bench")
+    monkeypatch.syspath_prepend(f"{ROOT}/bench")  # bench/learning.py, for this test only
     from learning import write_digits
     from vaegan import load, trainer
     from vaegan.config import TrainConfig
