@@ -9,9 +9,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vaegan.fast import FastOptions, TrainStep, make_optimizer  # noqa: E402
-from vaegan.models import VAEGAN  # noqa: E402
-from vaegan.step import StepConfig  # noqa: E402
+from vaegan import options, trainer  # noqa: E402
+from vaegan.config import TrainConfig  # noqa: E402
 
 CONFIGS = {"64 px, paper networks, batch 16": dict(image_size=64, channels=3, width=1.0, latent=128, fc=1024, batch=16),
            "32 px grey, quarter width, batch 16": dict(image_size=32, channels=1, width=0.25, latent=16, fc=64, batch=16),
@@ -22,18 +21,17 @@ FORMATS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
 def img_per_s(c, precision, channels_last):
     torch.manual_seed(0)
-    model = VAEGAN("vaegan", c["image_size"], c["channels"], latent_size=c["latent"], fc_width=c["fc"], width=c["width"])
-    optimizers = {n: make_optimizer("rmsprop", "foreach", list(net.parameters()), 3e-4, False)
-                  for n, net in model.networks().items()}
-    step = TrainStep(model, optimizers, StepConfig(gamma=1e-6), torch.bfloat16 if precision == "bf16" else None,
-                     FastOptions(channels_last=channels_last))
+    cfg = TrainConfig(data="generated", image_size=c["image_size"], channels=c["channels"], width=c["width"],
+                      latent_size=c["latent"], fc_width=c["fc"], batch_size=c["batch"], steps=7, gamma=1e-6,
+                      lr_schedule="constant", augment="none", device="cpu", out="unused", precision=precision,
+                      memory_format="channels-last" if channels_last else "contiguous")
+    cfg, _ = options.resolve(cfg, torch.device("cpu"))
+    _, _, train_step = trainer.build_step(cfg, torch.device("cpu"))
     x = torch.rand(c["batch"], c["channels"], c["image_size"], c["image_size"]) * 2 - 1
-    z = torch.randn(c["batch"], c["latent"])
     times = []
     for i in range(7):
         start = time.perf_counter()
-        update, _ = step.decisions(step.gradients(x, z, i))
-        step.apply(update)
+        train_step(x, None, i)
         times.append(time.perf_counter() - start)
     return c["batch"] / sorted(times[2:])[2]
 

@@ -86,7 +86,7 @@ kerneltests() {  # the fused kernels against their references, compiled for the 
 
 tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 too), routing in every mode, the
   # decoder's likelihood gradient in bf16 under inductor (the CPU learning comparison is left to the precision stage)
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_step.py tests/test_fast.py tests/test_loop.py \
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gradients.py tests/test_train_step.py tests/test_loop.py \
     tests/test_precision.py -k "not learns_what_fp32"
 }
 

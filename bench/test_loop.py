@@ -11,15 +11,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
 from timing import CUDA, DEVICE, sync
-from vaegan import trainer
+from vaegan import options, trainer
 from vaegan.config import TrainConfig
+from vaegan.data import build_dataset
 from vaegan.data.dali import dali_unavailable_reason
-from vaegan.fast import FastOptions, TrainStep
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from datagen import make_celeba  # noqa: E402
@@ -46,9 +45,8 @@ def loop_config(tmp_path):
 def resolved(cfg):
     """`cfg` with every default resolved as the loop resolves it."""
     cfg = cfg.resolved()
-    if cfg.precision == "auto":
-        cfg = replace(cfg, precision=trainer.resolve_precision(torch.device(DEVICE))[0])
-    return cfg
+    dataset = build_dataset(cfg.data, "train", cfg.image_size, cfg.channels)
+    return options.resolve(cfg, options.resolve_device(cfg.device), 1, dataset)[0]
 
 
 def loop_img_per_s(tmp_path):
@@ -67,27 +65,16 @@ def loop_img_per_s(tmp_path):
 
 
 def step_img_per_s(cfg, steps):
+    """The trainer's own step (trainer.build_step) on one batch held on the device."""
     device = torch.device(DEVICE)
-    model = trainer.build_model(cfg).to(device)
-    optimizers = trainer.build_optimizers(model, cfg, "foreach", tensor_lr=cfg.compile, global_batch=cfg.batch_size)
-    kernel_set, _ = trainer.resolve_kernels(cfg.kernels, device)
-    options = FastOptions(cfg.compile, cfg.cuda_graphs, cfg.memory_format != "contiguous", cfg.compile_backend)
-    step = TrainStep(model, optimizers, trainer.step_config(cfg, kernel_set),
-                     torch.bfloat16 if cfg.precision == "bf16" else None, options)
+    _, _, train_step = trainer.build_step(cfg, device)
     x = torch.rand(cfg.batch_size, cfg.channels, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-
-    def one(i):
-        seed, z_prior = step.noise(cfg.seed, torch.full((1,), i, dtype=torch.int64, device=device), cfg.batch_size,
-                                   cfg.latent_size, cfg.batch_size, 0)
-        stats = step.gradients(x, z_prior, seed)
-        update, _ = step.decisions(stats)
-        step.apply(update)
     for i in range(10):
-        one(i)
+        train_step(x, None, i)
     sync()
     start = time.perf_counter()
     for i in range(steps):
-        one(10 + i)
+        train_step(x, None, 10 + i)
     sync()
     return steps * cfg.batch_size / (time.perf_counter() - start)
 

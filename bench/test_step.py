@@ -15,11 +15,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from baseline import baseline_step
 from timing import CUDA, DEVICE, compile_counters, device_peak, median_seconds, sync
-from vaegan.fast import FastOptions, TrainStep, make_optimizer
+from vaegan import options, trainer
+from vaegan.config import TrainConfig
 from vaegan.models import VAEGAN
-from vaegan.step import StepConfig
+from vaegan.optimizers import make_optimizer
 
 SIZE, CHANNELS = (64, 3) if CUDA else (32, 1)
+LATENT, FC = (128, 1024) if CUDA else (16, 64)
 # VAEGAN_BENCH_BATCHES=64 times one batch size (bench/run_gpu.sh runs one per stage)
 BATCHES = [int(b) for b in os.environ.get("VAEGAN_BENCH_BATCHES", "64,256,512").split(",")] if CUDA else [4]
 REPEATS, WARMUP = (30, 15) if CUDA else (2, 2)  # CUDA-graph trees record on their second warm-up call
@@ -30,33 +32,34 @@ MODES = ("baseline", "eager", "fastest")
 
 
 def build(mode, batch):
-    """(one training step as a function of nothing, flops counted over one call of it)."""
+    """(one training step as a function of nothing, the model). Our modes are the trainer's own step
+    (trainer.build_step, options resolved by options.resolve) on one batch of random images."""
     torch.manual_seed(0)
-    model = VAEGAN("vaegan", SIZE, CHANNELS, latent_size=128 if CUDA else 16, fc_width=1024 if CUDA else 64).to(DEVICE)
-    x = (torch.rand(batch, CHANNELS, SIZE, SIZE, device=DEVICE) * 2 - 1)  # random images: never zeros
-    z_prior = torch.randn(batch, model.latent_size, device=DEVICE)
-    impl = "for-loop" if mode == "baseline" else "foreach"
-    optimizers = {n: make_optimizer("rmsprop", impl, list(net.parameters()), 3e-4, tensor_lr=mode == "fastest")
-                  for n, net in model.networks().items()}
     if mode == "baseline":
+        model = VAEGAN("vaegan", SIZE, CHANNELS, latent_size=LATENT, fc_width=FC).to(DEVICE)
+        x = (torch.rand(batch, CHANNELS, SIZE, SIZE, device=DEVICE) * 2 - 1)  # random images: never zeros
+        z_prior = torch.randn(batch, model.latent_size, device=DEVICE)
+        optimizers = {n: make_optimizer("rmsprop", "for-loop", list(net.parameters()), 3e-4, tensor_lr=False)
+                      for n, net in model.networks().items()}
+
         def step():
             baseline_step(model, x, z_prior, optimizers, GAMMA)
         return step, model
     fastest = mode == "fastest"
     if fastest:
         torch._dynamo.reset()  # each case compiles afresh: no earlier case's graphs count against the recompile limit
-    cfg = StepConfig(gamma=GAMMA, kernels="triton" if CUDA else "torch")
-    options = FastOptions(compile=fastest, cuda_graphs=fastest and CUDA, channels_last=fastest,
-                          backend="inductor" if CUDA else "aot_eager")
-    train_step = TrainStep(model, optimizers, cfg, torch.bfloat16 if fastest else None, options)
+    cfg = TrainConfig(data="generated", image_size=SIZE, channels=CHANNELS, latent_size=LATENT, fc_width=FC,
+                      batch_size=batch, steps=1, gamma=GAMMA, lr_schedule="constant", augment="none", device=DEVICE,
+                      out="unused", kernels="triton" if CUDA else "torch", precision="bf16" if fastest else "fp32",
+                      memory_format="channels-last" if fastest else "contiguous", compile=fastest,
+                      cuda_graphs=fastest and CUDA, compile_backend="inductor" if CUDA else "aot_eager")
+    cfg, _ = options.resolve(cfg, torch.device(DEVICE))
+    model, _, train_step = trainer.build_step(cfg, torch.device(DEVICE))
+    x = (torch.rand(batch, CHANNELS, SIZE, SIZE, device=DEVICE) * 2 - 1)  # random images: never zeros
     steps = iter(range(10 ** 9))
 
     def step():  # as the training loop runs it: noise, decisions and masked updates on the device, no sync
-        noise_seed, _ = train_step.noise(0, torch.full((1,), next(steps), dtype=torch.int64, device=DEVICE),
-                                         batch, model.latent_size, batch)
-        stats = train_step.gradients(x, z_prior, noise_seed)
-        update, _ = train_step.decisions(stats)
-        train_step.apply(update)
+        train_step(x, None, next(steps))
     return step, model
 
 

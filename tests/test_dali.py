@@ -135,6 +135,7 @@ def test_loader_auto_falls_back_to_pil_when_the_pipeline_cannot_be_built(tmp_pat
 
     import vaegan.trainer as trainer
     from vaegan.config import TrainConfig
+    from vaegan.options import resolve_loader
 
     def broken(*args, **kwargs):
         raise RuntimeError("nvJPEG: no decoder for this device\nsecond line")
@@ -142,18 +143,16 @@ def test_loader_auto_falls_back_to_pil_when_the_pipeline_cannot_be_built(tmp_pat
     make_celeba(tmp_path, n=16)
     dataset = build_dataset(str(tmp_path), "train", 32, 3)
     ctx = SimpleNamespace(rank=0, world_size=1)
-    cfg = TrainConfig(data=str(tmp_path), batch_size=4, steps=2, workers=0, loader="auto")
-    # the GPU case (auto picks DALI there), decided without touching a GPU
-    loader, sampler, kind, description = trainer.open_loader(cfg, dataset, ctx, torch.device("cpu"), 0)
-    assert kind == "pil"  # auto off CUDA: PIL without trying DALI
-    monkeypatch.setattr(trainer, "resolve_loader", lambda *a: ("dali", "GPU decoding"))
-    loader, sampler, kind, description = trainer.open_loader(cfg, dataset, ctx, torch.device("cpu"), 0)
+    assert resolve_loader("auto", torch.device("cpu"), dataset.in_memory)[0] == "pil"  # auto off CUDA: PIL, no DALI
+    # the GPU case (auto resolved to DALI there), decided without touching a GPU
+    cfg = TrainConfig(data=str(tmp_path), batch_size=4, steps=2, workers=0, loader="dali")
+    loader, sampler, kind, description = trainer.open_loader(cfg, dataset, ctx, torch.device("cpu"), 0,
+                                                             "GPU decoding", may_fall_back=True)
     assert kind == "pil" and len(list(loader)) == 2
     assert description == ("default, as the DALI pipeline could not be built (nvJPEG: no decoder for this device); "
                            "0 workers")
-    cfg = TrainConfig(data=str(tmp_path), batch_size=4, steps=2, workers=0, loader="dali")
     with pytest.raises(RuntimeError, match="nvJPEG: no decoder"):  # asked for by name: no fallback
-        trainer.open_loader(cfg, dataset, ctx, torch.device("cpu"), 0)
+        trainer.open_loader(cfg, dataset, ctx, torch.device("cpu"), 0, "requested", may_fall_back=False)
 
 
 def test_dali_preprocessing_follows_the_authors_on_real_photographs(tmp_path):

@@ -276,7 +276,7 @@ def test_self_check_passes_and_names_a_kernel_that_disagrees_or_fails(monkeypatc
 def test_a_failed_self_check_falls_back_under_auto_and_stops_an_explicit_request(monkeypatch):
     from kernels import selfcheck
     from vaegan.config import ConfigError
-    from vaegan.trainer import resolve_kernels
+    from vaegan.options import resolve_kernels
     monkeypatch.setattr(kernels, "triton_unavailable_reason", lambda device_type: None)
     cuda = torch.device("cuda", 0)  # decided without touching a GPU: the check is injected
     monkeypatch.setattr(selfcheck, "self_check", lambda device: None)

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from kernels import philox
-from test_fast import optimizers
-from test_step import NOISE_SEED, make
-from vaegan import checkpoint, trainer
+from test_train_step import optimizers
+from test_gradients import NOISE_SEED, make
+from vaegan import checkpoint, options, trainer
 from vaegan.config import TrainConfig
-from vaegan.fast import FastOptions, TrainStep, make_optimizer, masked_step
-from vaegan.step import StepConfig, equilibrium_decisions, equilibrium_masks
+from vaegan.optimizers import make_optimizer, masked_step
+from vaegan.train_step import StepMode, TrainStep
+from vaegan.decisions import equilibrium_decisions, equilibrium_masks
+from vaegan.gradients import UpdateConfig
 
 TINY = dict(image_size=32, latent_size=16, fc_width=64, batch_size=8, workers=0, device="cpu")
 
@@ -61,7 +63,7 @@ def test_the_equilibrium_rule_on_the_device_is_the_host_rule():
     costs = [0.0, 0.2, 0.33, 0.3301, 0.5, 0.68, 1.0, 1.03, 1.0301, 2.0, 9.0]
     costs = [float(torch.tensor(c).nextafter(torch.tensor(d))) for c in costs for d in (-1.0, 0.0, 1.0)]
     for kind, equilibrium in [("vaegan", True), ("vaegan", False), ("vae-disl", True), ("gan", True), ("vae", True)]:
-        cfg = StepConfig(kind=kind, equilibrium=equilibrium)
+        cfg = UpdateConfig(kind=kind, equilibrium=equilibrium)
         for real, fake in itertools.product(costs, costs):
             dec, dis = equilibrium_masks(cfg, torch.tensor(real), torch.tensor(fake))
             assert (bool(dec), bool(dis)) == equilibrium_decisions(cfg, real, fake), (kind, real, fake)
@@ -69,7 +71,7 @@ def test_the_equilibrium_rule_on_the_device_is_the_host_rule():
 
 def test_a_step_with_non_finite_gradients_updates_nothing():
     model, x, _, z_prior = make("vaegan", seed=5, dtype=torch.float32)
-    step = TrainStep(model, optimizers(model), StepConfig(gamma=1e-3), None, FastOptions())
+    step = TrainStep(model, optimizers(model), UpdateConfig(gamma=1e-3), None, StepMode())
     for _ in range(2):  # optimizer state exists
         stats = step.gradients(x, z_prior, NOISE_SEED)
         update, finite = step.decisions(stats)
@@ -189,14 +191,14 @@ def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkey
 
 
 def test_precision_auto_is_bf16_where_the_device_has_bf16_and_fp32_elsewhere(monkeypatch):
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
-    assert trainer.resolve_precision(torch.device("cpu"))[0] == "fp32"
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
-    assert trainer.resolve_precision(torch.device("cpu")) == ("bf16", "auto: this CPU has bf16 instructions")
+    monkeypatch.setattr(options, "cpu_has_native_bf16", lambda: False)
+    assert options.resolve_precision(torch.device("cpu"))[0] == "fp32"
+    monkeypatch.setattr(options, "cpu_has_native_bf16", lambda: True)
+    assert options.resolve_precision(torch.device("cpu")) == ("bf16", "auto: this CPU has bf16 instructions")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert trainer.resolve_precision(torch.device("cuda", 0))[0] == "bf16"
+    assert options.resolve_precision(torch.device("cuda", 0))[0] == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert trainer.resolve_precision(torch.device("cuda", 0))[0] == "fp32"
+    assert options.resolve_precision(torch.device("cuda", 0))[0] == "fp32"
 
 
 def test_the_loop_does_not_wait_for_a_slow_checkpoint_writer(tmp_path, monkeypatch):
@@ -226,7 +228,7 @@ def test_the_loop_does_not_wait_for_a_slow_checkpoint_writer(tmp_path, monkeypat
 
 KILLED_MID_WRITE = """
 import os, sys, time
-from vaegan import checkpoint, trainer
+from vaegan import checkpoint, options, trainer
 from vaegan.config import TrainConfig
 real = checkpoint.atomic_write
 
@@ -357,7 +359,7 @@ def test_on_a_cpu_the_optimizers_step_or_skip_plainly(monkeypatch):
     model, x, _, z_prior = make("vaegan", seed=3, dtype=torch.float32)
     opts = {n: make_optimizer("rmsprop", "foreach", [{"params": list(net.parameters())}], 1e-3, False)
             for n, net in model.networks().items()}
-    step = TrainStep(model, opts, StepConfig(gamma=1e-3), None, FastOptions())
+    step = TrainStep(model, opts, UpdateConfig(gamma=1e-3), None, StepMode())
     masked = []
     step.masked_steps = {name: lambda keep, name=name: masked.append(name) for name in opts}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from datagen import photograph_batch
-from vaegan.fast import FastOptions, TrainStep
+from vaegan.train_step import StepMode, TrainStep
 from vaegan.models import VAEGAN
-from vaegan.step import StepConfig
+from vaegan.gradients import UpdateConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GAMMA = 1e-6  # the paper's
@@ -24,7 +24,7 @@ def decoder_gradients(source, kind, autocast_dtype, options, x, z_prior):
     for name in ("encoder", "decoder", "discriminator"):
         if getattr(model, name) is not None:
             getattr(model, name).load_state_dict(getattr(source, name).state_dict())
-    TrainStep(model, {}, StepConfig(kind=kind, gamma=GAMMA), autocast_dtype, options).gradients(x, z_prior, SEED)
+    TrainStep(model, {}, UpdateConfig(kind=kind, gamma=GAMMA), autocast_dtype, options).gradients(x, z_prior, SEED)
     return [p.grad.double() for p in model.decoder.parameters()]
 
 
@@ -35,16 +35,16 @@ def likelihood_gradient_kept(autocast_dtype, options):
     torch.manual_seed(0)
     source = VAEGAN("vaegan", 64)
     x, z_prior = photograph_batch(8, 64).to(DEVICE), torch.randn(8, 128).to(DEVICE)
-    want = [GAMMA * g for g in decoder_gradients(source, "vae-disl", None, FastOptions(), x, z_prior)]
+    want = [GAMMA * g for g in decoder_gradients(source, "vae-disl", None, StepMode(), x, z_prior)]
     vaegan = decoder_gradients(source, "vaegan", autocast_dtype, options, x, z_prior)
     gan = decoder_gradients(source, "gan", autocast_dtype, options, x, z_prior)
     along = sum(((a - b) * w).sum() for a, b, w in zip(vaegan, gan, want))
     return float(along / sum((w * w).sum() for w in want))
 
 
-MODES = [FastOptions(), FastOptions(channels_last=True), FastOptions(compile=True, backend="aot_eager")]
+MODES = [StepMode(), StepMode(channels_last=True), StepMode(compile=True, backend="aot_eager")]
 if torch.cuda.is_available():
-    MODES.append(FastOptions(compile=True, channels_last=True))  # inductor
+    MODES.append(StepMode(compile=True, channels_last=True))  # inductor
 
 
 @pytest.mark.parametrize("options", MODES, ids=lambda m: m.describe().replace(" ", ""))

@@ -12,7 +12,7 @@ import torch
 
 import vaegan
 from vaegan.schedule import learning_rate
-from vaegan.trainer import resolve_precision
+from vaegan.options import resolve_precision
 from conftest import ROOT, SMALL, TRAIN, run_train
 from datagen import make_folder
 
@@ -29,8 +29,10 @@ def test_run_writes_config_metrics_grids_tensorboard_and_a_loadable_model(tmp_pa
     done = run_train(SMALL + SHORT + ["--lr-schedule", "authors", "--out", str(out)])
     assert done.returncode == 0, done.stderr
     precision, why = resolve_precision(torch.device("cpu"))  # bf16 on a CPU with bf16 instructions
-    assert f"precision {precision} ({why})" in done.stderr and f"device cpu, precision {precision}, loader pil" in done.stderr
+    assert f"device cpu, precision {precision} ({why}), loader pil" in done.stderr
     config = json.loads((out / "config.json").read_text())
+    assert "auto" not in config.values() and None not in (config[n] for n in ("device", "kernels", "workers", "out"))
+    assert config["kernels"] == "torch" and config["memory_format"] == "channels-last" and config["loader"] == "pil"
     assert config["steps"] == 4 and config["gamma"] == 1e-3 and config["data"] == "builtin:faces"
     assert set(config) >= {"model", "lr", "batch_size", "seed", "precision", "latent_size", "margin"}
     lines = metrics(out)
@@ -270,7 +272,7 @@ def test_the_authors_learning_rate_schedule():
 def test_weight_decay_is_deeppys_on_a_batch_sum_and_spares_the_mu_logvar_heads():
     from vaegan.config import TrainConfig
     from vaegan.models import VAEGAN
-    from vaegan.trainer import build_optimizers
+    from vaegan.optimizers import build_optimizers
     model = VAEGAN("vaegan", 32, 1, latent_size=8, fc_width=16)
     optimizers = build_optimizers(model, TrainConfig(weight_decay=1e-5, batch_size=16), global_batch=64)
     heads = {id(model.encoder.mu.weight), id(model.encoder.logvar.weight)}

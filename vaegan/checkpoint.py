@@ -6,6 +6,7 @@ file or the new complete file, never a torn one.
 import json
 import os
 import tempfile
+import time
 
 import torch
 
@@ -122,3 +123,29 @@ def _after(ready, job, *args):
     if ready is not None:
         ready.synchronize()
     job(*args)
+
+
+class CheckpointSchedule:
+    """When checkpoint.pt is rewritten: every `minutes` (decided at log steps, the same on every
+    process: `agree` makes one process's True everyone's), every `every` steps, at the last step, on
+    a stop, and at each kept step (`keep_every`, which also keeps checkpoint-STEP.pt)."""
+
+    def __init__(self, minutes, every, keep_every, last_step, log_every, agree=lambda flag: flag):
+        self.minutes, self.every, self.keep_every, self.last_step, self.log_every = minutes, every, keep_every, last_step, log_every
+        self.agree = agree
+        self.last_write, self.minutes_due = time.monotonic(), False
+
+    def due(self, step, stopping):
+        if self.minutes > 0 and step % self.log_every == 0:
+            self.minutes_due = self.agree(time.monotonic() - self.last_write >= 60 * self.minutes)
+        due = (self.minutes_due or (self.every and step % self.every == 0) or step == self.last_step or stopping
+               or step % self.keep_every == 0)
+        if due:
+            self.last_write, self.minutes_due = time.monotonic(), False
+        return due
+
+    def paths(self, directory, step):
+        paths = [os.path.join(directory, CHECKPOINT)]
+        if step > 0 and step % self.keep_every == 0:
+            paths.append(os.path.join(directory, f"checkpoint-{step:07d}.pt"))
+        return paths

@@ -1,4 +1,4 @@
-"""Every value a training run uses, its command-line option and its check."""
+"""Every value a training run uses and its command-line option; vaegan/options.py resolves and checks them."""
 import argparse
 import os
 import time
@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 from .data.datasets import BUILTIN
 from .schedule import AUTHORS_LR, SCHEDULES
-from .models import CONDITIONAL_KINDS, MODEL_KINDS, SUPPORTED_IMAGE_SIZES
+from .models import MODEL_KINDS, SUPPORTED_IMAGE_SIZES
 
 DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 # The built-in faces are a demonstration that must show faces after a few minutes on two CPU
@@ -243,18 +243,8 @@ def add_train_arguments(parser):
 
 
 def config_from_args(args, explicitly_given):
+    """The options as given (vaegan/options.py checks them and decides every `auto`)."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    if cfg.workers is not None and cfg.workers < 0:
-        raise ConfigError(f"--workers takes 0 or more, not {cfg.workers}")
-    if cfg.dis_sees_recon and cfg.model not in ("vaegan", "cvaegan"):
-        raise ConfigError(f"--dis-sees-recon applies to --model vaegan or cvaegan only, not {cfg.model}")
-    if cfg.attributes is not None and cfg.model not in CONDITIONAL_KINDS:
-        raise ConfigError(f"--attributes applies to the conditional models ({', '.join(CONDITIONAL_KINDS)}), "
-                          f"not {cfg.model}")
-    if cfg.kernels == "triton" and cfg.gan_loss_form == "eps":
-        raise ConfigError("--gan-loss-form eps has no fused kernel: use --kernels torch, or --gan-loss-form logits")
-    if cfg.device not in ("auto", "cpu", "cuda") and not (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()):
-        raise ConfigError(f"--device takes auto, cpu, cuda or cuda:N, not {cfg.device!r}")
     cfg.explicit = set(explicitly_given)
     return cfg
 

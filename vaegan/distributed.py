@@ -166,6 +166,30 @@ def average_step(module, scalars, ctx, reducer=None):
     return dict(zip(names, values.unbind())) if names else {}
 
 
+class StepAverage:
+    """The step's multi-process hook (TrainStep's `reduce`): the stop request travels with the stats, so
+    that every process stops after the same step, and gradients (in buckets during the backward pass
+    when `overlap`), BatchNorm statistics and the stats are averaged."""
+
+    def __init__(self, model, ctx, overlap, stop=None):
+        self.model, self.ctx, self.stop = model, ctx, stop
+        self.reducer = OverlappedGradientReducer(model, ctx) if overlap else None
+
+    def __call__(self, stats):
+        requested = float(self.stop is not None and self.stop.requested)
+        stats["stop"] = torch.full((), requested, device=next(self.model.parameters()).device)
+        return average_step(self.model, stats, self.ctx, self.reducer)
+
+
+def any_rank(flag, ctx, device):
+    """The same decision on every rank: any rank's True (one small all-reduce)."""
+    if not ctx.distributed:
+        return flag
+    flags = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.item() > 0
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the batch across all ranks.
 

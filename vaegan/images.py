@@ -1,12 +1,13 @@
-"""PNG grids of images (PIL + numpy; torchvision is deliberately not a dependency)."""
+"""PNG grids of images (PIL + numpy; torchvision is deliberately not a dependency), and the run's sample grids."""
 import io
 import math
+import os
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, snapshot
 
 
 def grid(images, columns=8, padding=2):
@@ -38,3 +39,33 @@ def save_grid(path, images, columns=8):
 def interleave(originals, reconstructions):
     """Pairs side by side: original, reconstruction, original, ..."""
     return torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
+
+
+class SampleGrids:
+    """The run's picture of its progress: samples from fixed prior codes, and the first training
+    images beside their reconstructions, each a PNG grid at a step. Every process computes
+    (GlobalBatchNorm's statistics are collective); the main one writes, on the writer's thread."""
+
+    def __init__(self, model, dataset, latent_size, seed, out, is_main, attribute_columns=None, count=32):
+        self.model, self.out, self.is_main = model, out, is_main
+        param = next(model.parameters())
+        self.noise = torch.randn(count, latent_size, generator=torch.Generator().manual_seed(seed)).to(param)
+        self.originals = torch.stack([dataset[(i, False)][0] for i in range(min(count // 2, len(dataset)))]).to(param)
+        self.sample_attributes = self.original_attributes = None
+        if attribute_columns is not None:  # samples take the attributes of the first training images, in turn
+            table = dataset.attributes[:, attribute_columns].to(param)
+            self.sample_attributes = table[torch.arange(count) % len(table)]
+            self.original_attributes = table[:len(self.originals)]
+
+    def save(self, step, writer):
+        model = self.model
+        with model.batch_statistics():
+            samples = model.decoder(self.noise, self.sample_attributes)
+            pairs = None
+            if model.encoder is not None:
+                mu, _ = model.encoder(self.originals, self.original_attributes)
+                pairs = interleave(self.originals, model.decoder(mu, self.original_attributes))
+        if self.is_main:  # copied and encoded as PNG on the writer's thread
+            grids = snapshot({"samples": samples, "reconstructions": pairs})
+            writer.submit(lambda: [save_grid(os.path.join(self.out, f"{name}-{step:07d}.png"), images)
+                                   for name, images in grids.items() if images is not None])

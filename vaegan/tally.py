@@ -17,10 +17,12 @@ class StepTally:
         self.total = {name: zero + skips_so_far[name] for name in SKIPPABLE}
         self.first_bad_step = zero - 1
         self.bad_losses = torch.zeros(len(loss_names), device=device)
-        self.last_update = None
+        self.last_update = self.last_stats = None
 
-    def add(self, step, update, finite, stats):
-        """step: a 0-d int64 tensor; update: {network: 0-d bool}; finite: 0-d bool; stats: 0-d tensors."""
+    def add(self, outcome):
+        """A step's TrainStep outcome: step, a 0-d int64 tensor; stats, 0-d tensors; update, {network: 0-d
+        bool}; finite, 0-d bool."""
+        step, stats, update, finite = outcome
         for name in SKIPPABLE:
             if name in update:
                 skipped = (finite & ~update[name]).to(torch.int64)  # by the equilibrium rule
@@ -31,11 +33,12 @@ class StepTally:
         losses = torch.stack([stats[n].float() if n in stats else self.bad_losses.new_zeros(())
                               for n in self.loss_names])
         self.bad_losses = torch.where(first, losses, self.bad_losses)
-        self.last_update = update
+        self.last_update, self.last_stats = update, stats
 
-    def read(self, stats, new_interval=True):
-        """One copy to the host: {stat: float}, {network: updated at the last step}, skips in the
-        interval, skips in all, and (first bad step, its losses) or None."""
+    def read(self, new_interval=True):
+        """One copy to the host: {the last step's stat: float}, {network: updated at the last step},
+        skips in the interval, skips in all, and (first bad step, its losses) or None."""
+        stats = self.last_stats
         names = [n for n in self.loss_names if n in stats]
         updates = [name for name in SKIPPABLE if self.last_update and name in self.last_update]
         empty = self.bad_losses.new_zeros(0, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The fast step (vaegan/fast.py): every mode gives the reference's gradients and the eager optimizers' steps."""
+"""The training step (vaegan/train_step.py): every mode gives the reference's gradients and the eager optimizers' steps."""
 import os
 
 import pytest
@@ -7,13 +7,14 @@ import torch.distributed as dist
 
 from conftest import run_train, SMALL
 from kernels import philox
-from test_step import NOISE_SEED, assert_same_grads, grads, make
+from test_gradients import NOISE_SEED, assert_same_grads, grads, make
 from vaegan import distributed
-from vaegan.config import ConfigError
+from vaegan.config import ConfigError, TrainConfig
 from vaegan.distributed import Context, OverlappedGradientReducer
-from vaegan.fast import (FastOptions, TrainStep, check_fast_options, make_optimizer, resolve_optimizer_impl,
-                         set_learning_rate)
-from vaegan.step import StepConfig, compute_gradients, compute_gradients_reference
+from vaegan.gradients import UpdateConfig, compute_gradients, compute_gradients_reference
+from vaegan.optimizers import make_optimizer, set_learning_rate
+from vaegan.options import Machine, check, resolve_optimizer_impl
+from vaegan.train_step import StepMode, TrainStep
 
 ALL = {"encoder": True, "decoder": True, "discriminator": True}
 
@@ -32,15 +33,15 @@ def reference_grads(model, x, z_prior, cfg, seed, attributes=None):
 def test_compiled_step_with_inductor_gives_the_reference_gradients():
     # Real code generation (inductor's C++ backend on a CPU): the routed backward survives compilation.
     model, x, _, z_prior = make("vaegan", seed=21, dtype=torch.float32)
-    cfg = StepConfig(gamma=1e-3)
-    step = TrainStep(model, optimizers(model, tensor_lr=True), cfg, None, FastOptions(compile=True, channels_last=True))
+    cfg = UpdateConfig(gamma=1e-3)
+    step = TrainStep(model, optimizers(model, tensor_lr=True), cfg, None, StepMode(compile=True, channels_last=True))
     for seed in (NOISE_SEED, NOISE_SEED + 1):  # a new seed every step: data, not a recompile
         step.gradients(x, z_prior, seed)
         assert_same_grads(grads(model), reference_grads(model, x, z_prior, cfg, seed), rtol=1e-4)
 
 
-MODES = [FastOptions(channels_last=True), FastOptions(compile=True, backend="aot_eager"),
-         FastOptions(compile=True, backend="aot_eager", channels_last=True)]
+MODES = [StepMode(channels_last=True), StepMode(compile=True, backend="aot_eager"),
+         StepMode(compile=True, backend="aot_eager", channels_last=True)]
 VARIANTS = [("vaegan", {}), ("vaegan", dict(saturating=False, dis_sees_recon=True)), ("vae", {}), ("gan", {}),
             ("vae-disl", {}), ("cvaegan", {})]
 
@@ -52,7 +53,7 @@ def test_every_mode_gives_the_reference_gradients(mode, kind, variant):
     names = ["A", "B"] if kind.startswith("c") else ()
     model, x, _, z_prior = make(kind, seed=len(kind), attribute_names=names)
     attributes = (torch.rand(x.shape[0], 2) < 0.5).double() * 2 - 1 if names else None
-    cfg = StepConfig(kind=kind.removeprefix("c") if names else kind, gamma=1e-3, **variant)
+    cfg = UpdateConfig(kind=kind.removeprefix("c") if names else kind, gamma=1e-3, **variant)
     step = TrainStep(model, optimizers(model, tensor_lr=mode.compile), cfg, None, mode)
     step.gradients(x, z_prior, NOISE_SEED, attributes=attributes)
     assert_same_grads(grads(model), reference_grads(model, x, z_prior, cfg, NOISE_SEED, attributes), rtol=1e-9)
@@ -64,8 +65,8 @@ def test_the_fused_kernels_route_exactly_when_compiled():
         # traced graph is checked in tests/test_kernels.py and this test runs compiled on a GPU.
         pytest.skip("needs a GPU: Triton kernels compile only there")
     model, x, _, z_prior = (t.cuda() for t in make("vaegan", seed=4, dtype=torch.float32))
-    cfg = StepConfig(gamma=1e-3, kernels="triton")
-    step = TrainStep(model, optimizers(model, tensor_lr=True), cfg, None, FastOptions(compile=True, channels_last=True))
+    cfg = UpdateConfig(gamma=1e-3, kernels="triton")
+    step = TrainStep(model, optimizers(model, tensor_lr=True), cfg, None, StepMode(compile=True, channels_last=True))
     for seed in (1, 2):
         step.gradients(x, z_prior, seed)
         assert_same_grads(grads(model), reference_grads(model, x, z_prior, cfg, seed), rtol=1e-3)
@@ -77,10 +78,10 @@ def test_compiled_masked_optimizer_steps_follow_eager_and_a_new_learning_rate_do
     # near-zero gradient can flip (see tests/test_ddp.py)
     eager_model, x, _, z_prior = make("vaegan", seed=8)
     fast_model, _, _, _ = make("vaegan", seed=8)
-    cfg = StepConfig(gamma=1e-3)
-    eager = TrainStep(eager_model, optimizers(eager_model, "for-loop"), cfg, None, FastOptions())
+    cfg = UpdateConfig(gamma=1e-3)
+    eager = TrainStep(eager_model, optimizers(eager_model, "for-loop"), cfg, None, StepMode())
     fast = TrainStep(fast_model, optimizers(fast_model, "foreach", tensor_lr=True), cfg, None,
-                     FastOptions(compile=True, backend="aot_eager"))
+                     StepMode(compile=True, backend="aot_eager"))
     graphs = None
     for i, lr in enumerate((1e-3, 1e-3, 5e-4, 2e-4)):
         set_learning_rate(eager.optimizers, lr)
@@ -106,7 +107,7 @@ def test_optimizer_implementations_agree(kind, impls):
     start = [p.detach().clone() for p in make("vaegan", seed=9)[0].parameters()]
     for impl in impls:
         model, x, _, z_prior = make("vaegan", seed=9)  # float64: no sign flips of near-zero gradients
-        step = TrainStep(model, optimizers(model, impl, kind=kind), StepConfig(gamma=1e-3), None, FastOptions())
+        step = TrainStep(model, optimizers(model, impl, kind=kind), UpdateConfig(gamma=1e-3), None, StepMode())
         for i in range(3):
             step.gradients(x, z_prior, i)
             step.apply(ALL)
@@ -117,7 +118,7 @@ def test_optimizer_implementations_agree(kind, impls):
             assert moved > 0 and (q - p).norm() <= 1e-9 * moved
 
 
-def test_fast_options_refuse_what_cannot_run():
+def test_options_that_cannot_run_are_refused():
     assert resolve_optimizer_impl("auto", "rmsprop", "cuda")[0] == "foreach"
     assert resolve_optimizer_impl("auto", "adam", "cuda")[0] == "fused"
     assert resolve_optimizer_impl("auto", "adam", "cpu")[0] == "foreach"
@@ -126,12 +127,12 @@ def test_fast_options_refuse_what_cannot_run():
     with pytest.raises(ConfigError, match="a skipped step .* cannot restore"):
         resolve_optimizer_impl("apex", "adam", "cuda")
     with pytest.raises(ConfigError, match="add --compile"):
-        check_fast_options(FastOptions(cuda_graphs=True), "cuda")
+        check(TrainConfig(cuda_graphs=True))
     with pytest.raises(ConfigError, match="--cuda-graphs needs CUDA"):
-        check_fast_options(FastOptions(compile=True, cuda_graphs=True), "cpu")
+        check(TrainConfig(compile=True, cuda_graphs=True), Machine("cpu", 1, False))
     with pytest.raises(ConfigError, match="would capture NCCL all-reduces in a CUDA graph"):
-        check_fast_options(FastOptions(compile=True, cuda_graphs=True), "cuda", collectives_in_forward=True)
-    check_fast_options(FastOptions(compile=True), "cuda", collectives_in_forward=True)  # compile alone is fine
+        check(TrainConfig(compile=True, cuda_graphs=True, sync_bn=True), Machine("cuda", 2, False))
+    check(TrainConfig(compile=True, sync_bn=True), Machine("cuda", 2, False))  # compile alone is fine
 
 
 def test_overlapped_reducer_fills_its_buckets_in_order_and_leaves_the_gradients(tmp_path):
@@ -139,7 +140,7 @@ def test_overlapped_reducer_fills_its_buckets_in_order_and_leaves_the_gradients(
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model, x, _, z_prior = make("vaegan", seed=13)
-        cfg = StepConfig(gamma=1e-3)
+        cfg = UpdateConfig(gamma=1e-3)
         compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
         want = grads(model)
         reducer = OverlappedGradientReducer(model, Context(0, 2), bucket_bytes=200_000)
@@ -178,7 +179,7 @@ class StepInGroupAdam(torch.optim.Adam):
 
 
 def test_a_masked_step_refuses_an_optimizer_that_counts_steps_in_its_param_groups():
-    from vaegan.fast import masked_step
+    from vaegan.optimizers import masked_step
     param = torch.nn.Parameter(torch.ones(3))
     param.grad = torch.ones(3)
     optimizer = StepInGroupAdam([param], lr=0.1)

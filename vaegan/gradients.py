@@ -20,9 +20,10 @@ divided by the batch size (`model/aegan.py`: WeightedParameter, ScaleGradient). 
 `compute_gradients_reference` takes the same gradients the slow, obvious way (one loss per
 network, three gradient computations): the tests hold the fast path to it.
 Both leave every gradient in `.grad` and step no optimizer: all gradients of a step come from
-the parameters as they were at its start. The routed step's losses come from the op set its
-config names, chosen once (kernels.op_set): the references in kernels/reference.py ("torch") or the
-fused kernels ("triton"): the same values, the same noise.
+the parameters as they were at its start. The routed losses come from the op set the config
+names, chosen once (kernels.op_set): the references in kernels/reference.py ("torch") or the
+fused kernels ("triton"): the same values, the same noise. Which optimizers then step is
+vaegan/decisions.py; the step as a whole, vaegan/train_step.py.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,9 +33,13 @@ import torch
 import kernels
 from kernels import reference as losses
 
+# What every step reports (0-d tensors, detached), in the order metrics.jsonl lists them; the kinds
+# without an encoder or a discriminator leave theirs out.
+STEP_STATS = ("kl", "llike", "dis_loss", "gen_loss", "real_cost", "fake_cost", "pixel_error")
+
 
 @dataclass
-class StepConfig:
+class UpdateConfig:
     kind: str = "vaegan"
     gamma: float = 1e-6
     real_weight: float = 0.5
@@ -135,6 +140,7 @@ def pixel_mse(x_rec, x):
 
 
 def _stats(**tensors):
+    assert tuple(tensors) == STEP_STATS
     return {name: t.detach() for name, t in tensors.items() if t is not None}
 
 
@@ -162,7 +168,7 @@ def compute_gradients(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast
 
 def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dtype=None, attributes=None):
     """The forward half of `compute_gradients`: (the routed total whose one backward pass gives every
-    network its own gradient, the detached stats). torch.compile compiles this (vaegan/fast.py)."""
+    network its own gradient, the detached stats). torch.compile compiles this (vaegan/train_step.py)."""
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
     batch, y = x.shape[0], attributes
     kl = llike = dis_loss = gen_loss = real_cost = fake_cost = pixel_error = None
@@ -267,38 +273,3 @@ def compute_gradients_reference(model, x, eps, z_prior, cfg, attributes=None):
         for p, g in zip(params, grads):
             p.grad = torch.zeros_like(p) if g is None else g
     return stats
-
-
-def equilibrium_decisions(cfg, real_cost, fake_cost):
-    """(update_decoder, update_discriminator) by the authors' equilibrium rule.
-
-    Skip the discriminator if either cost is below value - margin (it is winning), the decoder
-    if either is above value + margin (it is losing); if both would be skipped, update both.
-    Takes Python floats. The encoder always updates.
-    """
-    if not cfg.equilibrium or cfg.kind in ("vae",):
-        return True, True
-    low, high = cfg.equilibrium_value - cfg.margin, cfg.equilibrium_value + cfg.margin
-    update_dis = not (real_cost < low or fake_cost < low)
-    update_dec = not (real_cost > high or fake_cost > high)
-    if cfg.kind == "vae-disl":  # the decoder learns from L_llike alone: the rule only paces the discriminator
-        return True, update_dis
-    if not update_dis and not update_dec:
-        return True, True
-    return update_dec, update_dis
-
-
-def equilibrium_masks(cfg, real_cost, fake_cost):
-    """equilibrium_decisions on the device: 0-d bool tensors (update_decoder, update_discriminator),
-    from the costs as tensors, with no synchronisation."""
-    if not cfg.equilibrium or cfg.kind in ("vae",):
-        yes = torch.ones((), dtype=torch.bool, device=real_cost.device)
-        return yes, yes
-    low, high = cfg.equilibrium_value - cfg.margin, cfg.equilibrium_value + cfg.margin
-    real_cost, fake_cost = real_cost.double(), fake_cost.double()  # compared as the host compares: in float64
-    update_dis = ~((real_cost < low) | (fake_cost < low))
-    update_dec = ~((real_cost > high) | (fake_cost > high))
-    if cfg.kind == "vae-disl":
-        return torch.ones_like(update_dec), update_dis
-    neither = ~update_dis & ~update_dec
-    return update_dec | neither, update_dis | neither

@@ -5,8 +5,8 @@ import torch
 from kernels import philox
 from kernels import reference as losses
 from vaegan.models import VAEGAN
-from vaegan.step import (StepConfig, compute_gradients, compute_gradients_reference, equilibrium_decisions,
-                         network_losses)
+from vaegan.decisions import equilibrium_decisions
+from vaegan.gradients import UpdateConfig, compute_gradients, compute_gradients_reference, network_losses
 
 VARIANTS = [
     dict(kind="vaegan"),
@@ -48,7 +48,7 @@ def assert_same_grads(got, want, rtol):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
 def test_one_backward_equals_each_networks_own_gradient(variant):
     model, x, eps, z_prior = make(variant["kind"], seed=len(str(variant)))
-    cfg = StepConfig(gamma=1e-3, **variant)
+    cfg = UpdateConfig(gamma=1e-3, **variant)
     fast_stats = compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
     fast = grads(model)
     ref_stats = compute_gradients_reference(model, x, eps, z_prior, cfg)
@@ -66,7 +66,7 @@ def test_fused_kernels_give_the_reference_gradients(variant):
     model, x, eps, z_prior = make(variant["kind"], seed=11)
     if torch.cuda.is_available():  # compiled kernels on the GPU (the interpreter runs them on a CPU)
         model, x, eps, z_prior = model.cuda(), x.cuda(), eps.cuda(), z_prior.cuda()
-    cfg = StepConfig(gamma=1e-3, kernels="triton", **variant)
+    cfg = UpdateConfig(gamma=1e-3, kernels="triton", **variant)
     fast_stats = compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
     fast = grads(model)
     ref_stats = compute_gradients_reference(model, x, eps, z_prior, cfg)
@@ -87,7 +87,7 @@ def test_conditional_models_route_exactly_too(variant, kernel_set):
     attributes = (torch.rand(x.shape[0], 3) < 0.5).double() * 2 - 1
     if kernel_set == "triton" and torch.cuda.is_available():  # compiled kernels take GPU tensors
         model, x, eps, z_prior, attributes = (t.cuda() for t in (model, x, eps, z_prior, attributes))
-    cfg = StepConfig(gamma=1e-3, kernels=kernel_set, **variant)
+    cfg = UpdateConfig(gamma=1e-3, kernels=kernel_set, **variant)
     compute_gradients(model, x, z_prior, cfg, NOISE_SEED, attributes=attributes)
     fast = grads(model)
     compute_gradients_reference(model, x, eps, z_prior, cfg, attributes=attributes)
@@ -106,7 +106,7 @@ def own_gradient(model, network, loss):
 
 def test_discriminator_gradient_holds_nothing_of_llike_and_encoder_nothing_of_gan():
     model, x, eps, z_prior = make("vaegan", seed=3)
-    cfg = StepConfig(gamma=1e-2)
+    cfg = UpdateConfig(gamma=1e-2)
     compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
     got = [p.grad.clone() for p in model.discriminator.parameters()]
     own, _ = network_losses(model, x, eps, z_prior, cfg)
@@ -136,7 +136,7 @@ def test_the_decoder_descends_gamma_llike_plus_one_minus_gamma_unweighted_cross_
     # term by 1 - gamma, and the 0.5/0.5 real/fake weights are undone for the decoder.
     model, x, eps, z_prior = make("vaegan", seed=23)
     gamma = 0.01  # both terms matter at this weight (the feature error is a per-image sum)
-    compute_gradients(model, x, z_prior, StepConfig(gamma=gamma, saturating=saturating), NOISE_SEED)
+    compute_gradients(model, x, z_prior, UpdateConfig(gamma=gamma, saturating=saturating), NOISE_SEED)
     got = [p.grad.clone() for p in model.decoder.parameters()]
     enc, dec, dis = model.encoder, model.decoder, model.discriminator
     mu, logvar = enc(x)
@@ -160,13 +160,13 @@ def test_the_decoder_descends_gamma_llike_plus_one_minus_gamma_unweighted_cross_
 def test_gradients_come_from_the_parameters_at_the_start_of_the_step():
     model, x, eps, z_prior = make("vaegan", seed=5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    compute_gradients(model, x, z_prior, StepConfig(), NOISE_SEED)
+    compute_gradients(model, x, z_prior, UpdateConfig(), NOISE_SEED)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_bf16_autocast_step_is_close_to_fp32():
     model, x, eps, z_prior = make("vaegan", seed=7, dtype=torch.float32, batch=8)
-    cfg = StepConfig(gamma=1e-3)
+    cfg = UpdateConfig(gamma=1e-3)
     fp32 = compute_gradients(model, x, z_prior, cfg, NOISE_SEED)
     bf16 = compute_gradients(model, x, z_prior, cfg, NOISE_SEED, autocast_dtype=torch.bfloat16)
     for name in ("kl", "llike", "dis_loss"):
@@ -184,12 +184,12 @@ def test_bf16_autocast_step_is_close_to_fp32():
     (0.20, 1.20, (True, True)),   # both would rest: both learn
 ])
 def test_equilibrium_rule(real, fake, expected):
-    assert equilibrium_decisions(StepConfig(), real, fake) == expected
+    assert equilibrium_decisions(UpdateConfig(), real, fake) == expected
 
 
 def test_equilibrium_rule_can_be_switched_off_and_paces_only_the_discriminator_without_gan_gradient():
-    assert equilibrium_decisions(StepConfig(equilibrium=False), 0.1, 2.0) == (True, True)
-    assert equilibrium_decisions(StepConfig(kind="vae-disl"), 0.1, 2.0) == (True, False)
+    assert equilibrium_decisions(UpdateConfig(equilibrium=False), 0.1, 2.0) == (True, True)
+    assert equilibrium_decisions(UpdateConfig(kind="vae-disl"), 0.1, 2.0) == (True, False)
 
 
 @pytest.mark.parametrize("kind,variant", [("vaegan", {}), ("vaegan", dict(saturating=False, dis_sees_recon=True)),
@@ -202,7 +202,7 @@ def test_one_step_updates_each_batchnorm_once_from_the_pass_it_belongs_to(kind, 
     import copy
     model, x, eps, z_prior = make(kind, seed=29)
     start = copy.deepcopy(model)
-    compute_gradients(model, x, z_prior, StepConfig(kind=kind, gamma=1e-3, **variant), NOISE_SEED)
+    compute_gradients(model, x, z_prior, UpdateConfig(kind=kind, gamma=1e-3, **variant), NOISE_SEED)
     norms = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     before = dict(start.named_modules())
     assert norms and all(m.num_batches_tracked == before[name].num_batches_tracked + 1 for name, m in norms)

@@ -1,0 +1,200 @@
+"""Every `auto` option turned into a value, with the reason for it, and every check across options.
+
+`resolve(cfg, device, world_size, dataset)` is the one place a run's choices are made: the data's
+presets, the precision, the attributes a conditional model takes, the kernels, the memory format,
+the optimizers' implementation and the loader. What it returns holds no `auto` (it is config.json).
+`CHECKS` is the table of option combinations that cannot run; `check` applies it, before anything
+is built (the rows that need no machine) and again on the resolved values.
+"""
+from collections import namedtuple
+from dataclasses import replace
+
+import torch
+
+from .config import ConfigError
+from .models import CONDITIONAL_KINDS
+
+# Decided at a run's start and kept for its life: a resumed run takes them from its checkpoint. The
+# other `auto` values are decided again on each start, for the machine it runs on.
+RUN_DECISIONS = ("precision", "attributes")
+
+APEX_REFUSED = ("--optimizer-impl apex is refused: NVIDIA apex's FusedAdam counts its steps in param_group['step'], "
+                "a host integer that a skipped step (every step here may be skipped, by the equilibrium rule or the "
+                "non-finite guard, decided on the device) cannot restore without waiting for the device, so skips "
+                "would advance its bias correction; torch's fused Adam (--optimizer-impl fused) keeps its step with "
+                "its state and is skipped exactly")
+
+# What the checks need to know of where the run happens; None before the device and data are known.
+Machine = namedtuple("Machine", "device_type world_size data_in_memory")
+
+
+def _device_name_ok(name):
+    return name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+
+
+# (needs the machine, when the options cannot run, what the user is told)
+CHECKS = (
+    (False, lambda c, m: c.workers is not None and c.workers < 0,
+     lambda c, m: f"--workers takes 0 or more, not {c.workers}"),
+    (False, lambda c, m: not _device_name_ok(c.device),
+     lambda c, m: f"--device takes auto, cpu, cuda or cuda:N, not {c.device!r}"),
+    (False, lambda c, m: c.dis_sees_recon and c.model not in ("vaegan", "cvaegan"),
+     lambda c, m: f"--dis-sees-recon applies to --model vaegan or cvaegan only, not {c.model}"),
+    (False, lambda c, m: c.attributes is not None and c.model not in CONDITIONAL_KINDS,
+     lambda c, m: f"--attributes applies to the conditional models ({', '.join(CONDITIONAL_KINDS)}), not {c.model}"),
+    (False, lambda c, m: c.kernels == "triton" and c.gan_loss_form == "eps",
+     lambda c, m: "--gan-loss-form eps has no fused kernel: use --kernels torch, or --gan-loss-form logits"),
+    (False, lambda c, m: c.optimizer_impl == "fused" and c.optimizer != "adam",
+     lambda c, m: f"--optimizer-impl fused: torch has no fused {c.optimizer}; use foreach (the default)"),
+    (False, lambda c, m: c.optimizer_impl == "apex", lambda c, m: APEX_REFUSED),
+    (False, lambda c, m: c.cuda_graphs and not c.compile,
+     lambda c, m: "--cuda-graphs captures the compiled step: add --compile"),
+    (True, lambda c, m: c.cuda_graphs and m.device_type != "cuda",
+     lambda c, m: "--cuda-graphs needs CUDA; this run is on the CPU"),
+    (True, lambda c, m: c.cuda_graphs and c.sync_bn and m.world_size > 1,
+     lambda c, m: "--cuda-graphs with --sync-bn across processes would capture NCCL all-reduces in a CUDA graph, "
+                  "which is not supported here: drop one of them (--compile alone works with --sync-bn)"),
+    (True, lambda c, m: c.compile and c.kernels == "triton" and m.device_type != "cuda",
+     lambda c, m: "--compile with --kernels triton needs CUDA (Triton's interpreter cannot be compiled); "
+                  "use --kernels torch on the CPU"),
+    (True, lambda c, m: c.augment == "authors" and m.data_in_memory,
+     lambda c, m: "--augment authors augments image files before the crop; the built-in faces are held in memory, "
+                  "already cropped and resized: use --augment flip, or pass --data DIR"),
+)
+
+
+def check(cfg, machine=None):
+    """Raise ConfigError for the first row of CHECKS that `cfg` meets (without a machine: the rows that need none)."""
+    for needs_machine, broken, message in CHECKS:
+        if (machine is not None or not needs_machine) and broken(cfg, machine):
+            raise ConfigError(message(cfg, machine))
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def cpu_has_native_bf16():
+    """bf16 instructions (AVX512-BF16 or AMX): without them a CPU emulates bf16, slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(device):
+    """--precision auto -> (precision, why): bf16 autocast on CUDA devices with bf16 (Ampere and
+    later) and on CPUs with bf16 instructions (the built-in demo's step ran 1.7x fp32 on one:
+    bench/results/cpu-20261202-formats.txt), fp32 elsewhere."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this CUDA device has bf16"
+        return "fp32", "auto: this CUDA device has no bf16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16", "auto: this CPU has bf16 instructions"
+    return "fp32", "auto: no bf16 instructions on this CPU (bf16 would be emulated, slower than fp32)"
+
+
+def resolve_kernels(choice, device, gan_loss_form="logits"):
+    """("torch" | "triton", how it was chosen). Before a run relies on the fused kernels they are
+    checked against the references on `device` (kernels/selfcheck.py): --kernels auto falls back to
+    the references, saying why; --kernels triton that cannot run or disagrees is an error."""
+    import kernels
+    if choice == "torch":
+        return "torch", "requested"
+    if choice == "auto" and gan_loss_form == "eps":
+        return "torch", "default for --gan-loss-form eps, which has no fused kernel"
+    if choice == "auto" and device.type != "cuda":
+        return "torch", "default off CUDA"
+    reason = kernels.triton_unavailable_reason(device.type)
+    if reason is None:
+        from kernels.selfcheck import self_check
+        reason = self_check(device)
+    if choice == "triton":
+        if reason:
+            raise ConfigError(f"--kernels triton: {reason}")
+        how = "interpreter" if device.type != "cuda" else "requested"
+        return "triton", f"{how}, checked against the references"
+    if reason:
+        return "torch", f"default, as {reason}"
+    return "triton", "default on CUDA, checked against the references"
+
+
+def resolve_optimizer_impl(choice, optimizer, device_type):
+    """("for-loop" | "foreach" | "fused", why): an explicit choice that cannot run is an error."""
+    if choice == "auto":
+        if optimizer == "adam" and device_type == "cuda":
+            return "fused", "default for adam on CUDA"
+        return "foreach", "default" + (" (torch has no fused RMSprop)" if optimizer == "rmsprop" else "")
+    if choice == "fused" and optimizer != "adam":
+        raise ConfigError(f"--optimizer-impl fused: torch has no fused {optimizer}; use foreach (the default)")
+    if choice == "apex":
+        raise ConfigError(APEX_REFUSED)
+    return choice, "requested"
+
+
+def resolve_loader(choice, device, in_memory):
+    """("pil" | "dali", a description with a {workers} field): --loader dali that cannot run is an error."""
+    from .data.dali import dali_unavailable_reason
+    if choice == "pil" or (choice == "auto" and (device.type != "cuda" or in_memory)):
+        return "pil", f"{'requested' if choice == 'pil' else 'default'}, {{workers}} workers"
+    reason = dali_unavailable_reason()
+    if reason or in_memory:
+        if choice == "dali":
+            raise ConfigError(f"--loader dali: {reason or 'the built-in faces are held in memory; use --loader pil'}")
+        return "pil", f"default, as {reason}; {{workers}} workers"
+    return "dali", "GPU decoding" if device.type == "cuda" else "CPU operators"
+
+
+def resolve_attributes(cfg, dataset):
+    """(the attribute names a conditional model conditions on, why), or (None, why) for the others."""
+    if cfg.model not in CONDITIONAL_KINDS:
+        return None, "unconditional model"
+    if dataset is None or not dataset.attribute_names:
+        name = dataset.name if dataset is not None else "the data"
+        raise ConfigError(f"--model {cfg.model} conditions on attributes, and {name} has none "
+                          "(CelebA's list_attr_celeba.txt, or one in its format beside a folder's images)")
+    names = cfg.attributes.split(",") if cfg.attributes else list(dataset.attribute_names)
+    unknown = [n for n in names if n not in dataset.attribute_names]
+    if unknown or len(set(names)) != len(names):
+        raise ConfigError(f"--attributes {cfg.attributes}: " + (f"{', '.join(unknown)} not in the data's attribute "
+                          f"file (it has {', '.join(dataset.attribute_names)})" if unknown else "a name is repeated"))
+    return ",".join(names), "requested" if cfg.attributes else "default: every attribute the data has"
+
+
+def resolve(cfg, device, world_size=1, dataset=None):
+    """(cfg with every `auto` and data default decided, {option: why it has its value}).
+
+    device: the torch.device the run uses (resolve_device's, with the process's index); dataset:
+    the training data (its attribute names and whether it is held in memory), or None for a
+    benchmark's generated batches."""
+    cfg = cfg.resolved()
+    check(cfg)
+    reasons = {"device": "requested" if cfg.device != "auto" else "auto: "
+               + ("CUDA is available" if device.type == "cuda" else "no CUDA device")}
+    values = {"device": str(device)}
+    if cfg.precision == "auto":
+        values["precision"], reasons["precision"] = resolve_precision(device)
+    else:
+        reasons["precision"] = "requested, or kept from the run's start"
+    values["attributes"], reasons["attributes"] = resolve_attributes(cfg, dataset)
+    values["kernels"], reasons["kernels"] = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
+    values["memory_format"] = "channels-last" if cfg.memory_format == "auto" else cfg.memory_format
+    reasons["memory_format"] = "default" if cfg.memory_format == "auto" else "requested"
+    values["optimizer_impl"], reasons["optimizer_impl"] = resolve_optimizer_impl(cfg.optimizer_impl, cfg.optimizer,
+                                                                                 device.type)
+    in_memory = bool(dataset is not None and dataset.in_memory)
+    check(cfg, Machine(device.type, world_size, in_memory))  # before the loader's choice: --augment authors on faces
+    values["loader"], reasons["loader"] = resolve_loader(cfg.loader, device, in_memory)
+    resolved = replace(cfg, **values)
+    check(resolved, Machine(device.type, world_size, in_memory))
+    return resolved, reasons
+
+
+def kept_for_resume(requested, resolved):
+    """What the checkpoint keeps: the options as given, with the run's own decisions (RUN_DECISIONS)
+    filled in; the machine's choices stay `auto`, to be made again where the run resumes."""
+    return replace(requested.resolved(), **{name: getattr(resolved, name) for name in RUN_DECISIONS})

@@ -1,0 +1,98 @@
+"""What a run tells its user: the start lines, metrics.jsonl, TensorBoard and the progress bar.
+
+Only the main process writes; the others keep quiet.
+"""
+import json
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+from . import checkpoint
+from .gradients import STEP_STATS
+from .schedule import learning_rate
+
+SHOWN_ON_THE_BAR = ("llike", "kl", "dis_loss", "pixel_error")
+
+
+def trim_metrics(path, last_step):
+    """On resume, drop the lines of steps after the checkpoint (they will be logged again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    checkpoint.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+
+
+class RunLog:
+    def __init__(self, cfg, is_main, start_step, world_size):
+        self.cfg, self.is_main, self.global_batch = cfg, is_main, cfg.batch_size * world_size
+        self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        self.tensorboard = None
+        if is_main:
+            trim_metrics(self.metrics_path, start_step)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=start_step + 1)
+        self.progress = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not is_main,
+                             dynamic_ncols=True, file=sys.stderr)
+        self.since = (time.perf_counter(), start_step)
+
+    def line(self, message):
+        if self.is_main:
+            tqdm.write(message, file=sys.stderr)
+
+    def start(self, run):
+        """The lines that say what the run is and every choice it made, with the reason."""
+        cfg, ctx, why = run.cfg, run.ctx, run.reasons
+        parameters = sum(p.numel() for p in run.model.parameters())
+        unused = len(run.dataset) - run.steps_per_epoch * self.global_batch
+        conditioned = cfg.attributes.split(",") if cfg.attributes else []
+        self.line(f"vaegan: model {cfg.model} ({parameters / 1e6:.1f}M parameters), {cfg.image_size}x{cfg.image_size}x"
+                  f"{cfg.channels}, data {run.dataset.name}: {len(run.dataset)} images"
+                  + (f", conditioned on {len(conditioned)} attributes ({', '.join(conditioned)}); the encoder "
+                     "sees them too" if conditioned else "")
+                  + (f", {unused} left over each epoch (a different {unused} each time: only full global batches "
+                     "are used)" if unused else ""))
+        augment = cfg.augment if cfg.flip or cfg.augment == "none" else cfg.augment + " without flips"
+        self.line(f"vaegan: device {cfg.device}, precision {cfg.precision} ({why['precision']}), loader {cfg.loader} "
+                  f"({why['loader']}), augment {augment}, kernels {cfg.kernels} ({why['kernels']}), "
+                  f"{ctx.world_size} process(es) x batch {cfg.batch_size}, "
+                  f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
+        self.line(f"vaegan: step {run.train_step.mode.describe()}, optimizers {cfg.optimizer_impl} "
+                  f"({why['optimizer_impl']})"
+                  + (f", gradients averaged {'in buckets during the backward pass' if cfg.overlap_allreduce else 'after the backward pass'}"
+                     if ctx.distributed else ""))
+        lr = learning_rate(cfg.lr_schedule, cfg.lr, run.start_step, cfg.lr_schedule_steps)
+        self.line(f"vaegan: {cfg.optimizer} lr {cfg.lr:g} ({cfg.lr_schedule}"
+                  f"{f', {lr:.3g} at step {run.start_step}' if lr != cfg.lr else ''}), gamma {cfg.gamma:g}, decoder GAN "
+                  f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}; every value used is "
+                  "in config.json")
+        self.line(f"vaegan: {'resuming at' if run.start_step else 'starting at'} step {run.start_step} of {cfg.steps}; "
+                  f"run directory {cfg.out}")
+
+    def step(self, step, losses, updated, skipped, unreadable):
+        """A log step: one line of metrics.jsonl, the same in TensorBoard, and the progress bar's figures."""
+        cfg = self.cfg
+        start, start_step = self.since
+        img_per_s = (step - start_step) * self.global_batch / (time.perf_counter() - start)
+        record = {"step": step, **{n: losses[n] for n in STEP_STATS if n in losses},
+                  "update_decoder": updated.get("decoder", True),
+                  "update_discriminator": updated.get("discriminator", True),
+                  "skipped_decoder": skipped["decoder"], "skipped_discriminator": skipped["discriminator"],
+                  "lr": learning_rate(cfg.lr_schedule, cfg.lr, step - 1, cfg.lr_schedule_steps),
+                  "img_per_s": img_per_s, "unreadable_images": unreadable}
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for name, value in record.items():
+                if name != "step":
+                    self.tensorboard.add_scalar(name, float(value), step)
+            shown = {n: f"{losses[n]:.3g}" for n in SHOWN_ON_THE_BAR if n in losses}
+            self.progress.set_postfix({**shown, "img/s": f"{img_per_s:.0f}"})
+        self.since = (time.perf_counter(), step)
+
+    def close(self):
+        self.progress.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,150 @@
+"""One training step, called as one: `TrainStep(images, attributes, step)`, in the mode `StepMode` says
+(eager or torch.compile, CUDA graphs, channels-last).
+
+A step draws its noise from (seed, step), takes each network's gradient of its own loss in one
+routed backward pass (vaegan/gradients.py), averages across processes through its `reduce` hook,
+decides on the device which optimizers keep their update (vaegan/decisions.py) and steps them
+(vaegan/optimizers.py). Every mode computes what the eager step computes, and the tests hold each
+to the slow reference. How the known pitfalls are avoided:
+  * one backward pass, no `retain_graph`: nothing for AOTAutograd's donated buffers to trip over;
+  * no `requires_grad` toggling between phases: the discriminator is frozen by detaching its
+    parameters inside the forward (`gradients.frozen`), so one graph serves every step;
+  * the reparameterisation seed is a device tensor and the learning rate a tensor: a new seed or
+    a new learning rate is new data, neither a recompile nor a new CUDA graph;
+  * BatchNorm buffers are updated inside the compiled forward and averaged across ranks after the
+    backward, in the same all-reduce as the equilibrium costs (vaegan/distributed.py).
+Nothing in a step waits for the device: each optimizer steps under a 0-d bool mask that keeps or
+discards its update (`optimizers.masked_step`; compiled on its own, in place, with no host value).
+The host-side rule (optimizers that simply do not run) is the reference: the tests hold the masked
+steps bit-identical to it.
+"""
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from kernels import philox
+
+from .decisions import GUARDED_STATS, step_decisions
+from .gradients import routed_losses
+from .optimizers import masked_step
+
+
+@dataclass
+class StepMode:
+    compile: bool = False        # torch.compile the forward (with its routed backward) and each optimizer step
+    cuda_graphs: bool = False    # with compile: mode "reduce-overhead" (inductor's CUDA graphs)
+    channels_last: bool = False
+    backend: str = "inductor"    # the tests use "aot_eager" on CPUs (dynamo + AOTAutograd, no code generation)
+
+    def describe(self):
+        if not self.compile:
+            mode = "eager"
+        else:
+            mode = f"torch.compile ({self.backend}{', CUDA graphs' if self.cuda_graphs else ''})"
+        return f"{mode}, {'channels-last' if self.channels_last else 'contiguous'}"
+
+
+class StepOutcome(NamedTuple):
+    """What a step leaves for the tally: all on the device, nothing read."""
+    step: torch.Tensor      # 0-d int64
+    stats: dict             # name: 0-d tensor (gradients.STEP_STATS, averaged across processes)
+    update: dict            # network: 0-d bool, whether its optimizer's update was kept
+    finite: torch.Tensor    # 0-d bool
+
+
+class TrainStep:
+    """train_step(images, attributes, step) -> StepOutcome; its parts (noise, gradients, decisions,
+    apply) are there for the tests.
+
+    seed: the run's seed (the step's noise is Philox at (seed, step)); rank, world_size: this
+    process's place (its rows of the global batch's noise); attribute_columns: the columns of the
+    loader's attribute table a conditional model takes, else None; reduce: stats -> stats, the
+    multi-process hook (averages gradients, BatchNorm statistics and the stats), or None."""
+
+    # On a CPU the decisions live in host memory: reading them costs nothing, so the optimizers step
+    # or skip plainly there, without masked_step's copies of every parameter and state tensor (0.29 s
+    # against 0.08 s per step at the built-in demo's settings on 2 cores).
+    read_cpu_decisions = True
+
+    def __init__(self, model, optimizers, update_config, autocast_dtype, mode, seed=0, rank=0, world_size=1,
+                 attribute_columns=None, reduce=None):
+        self.model, self.optimizers, self.update_config, self.autocast_dtype = model, optimizers, update_config, autocast_dtype
+        self.mode, self.seed, self.rank, self.world_size = mode, seed, rank, world_size
+        self.attribute_columns, self.reduce = attribute_columns, reduce
+        first = next(model.parameters())
+        self.device, self.param_dtype = first.device, first.dtype
+        self.forward = routed_losses
+        self.optimizer_steps = {name: opt.step for name, opt in optimizers.items()}
+        self.masked_steps = {name: functools.partial(masked_step, opt) for name, opt in optimizers.items()}
+        self.noise = philox.step_noise  # (seed, step) -> (noise seed, prior codes), on the device
+        self.decide = functools.partial(step_decisions, update_config, model)
+        if mode.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if mode.compile:
+            # past dynamo's recompile limit the step would run eager, silently: make that an error
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
+            graphs = "reduce-overhead" if mode.cuda_graphs else None
+            self.forward = torch.compile(routed_losses, backend=mode.backend, mode=graphs)
+            self.optimizer_steps = {name: torch.compile(opt.step, backend=mode.backend, mode=graphs)
+                                    for name, opt in optimizers.items()}
+            self.masked_steps = {name: torch.compile(step, backend=mode.backend, mode=graphs)
+                                 for name, step in self.masked_steps.items()}
+            self.decide = torch.compile(self.decide, backend=mode.backend)
+            self.noise = torch.compile(self.noise, backend=mode.backend)
+
+    def __call__(self, images, attributes, step):
+        """The whole step, queued on the device: nothing in it waits for the device."""
+        batch = images.shape[0]
+        x = images.to(self.device, self.param_dtype, non_blocking=True)
+        y = None
+        if self.attribute_columns is not None:
+            y = attributes.to(self.device, non_blocking=True)[:, self.attribute_columns].to(self.param_dtype)
+        step_on_device = torch.full((1,), step, dtype=torch.int64, device=self.device)
+        noise_seed, z_prior = self.noise(self.seed, step_on_device, batch, self.model.latent_size,
+                                         batch * self.world_size, self.rank * batch)
+        stats = self.gradients(x, z_prior.to(self.param_dtype), noise_seed, self.rank * batch, y)
+        if self.reduce is not None:
+            stats = self.reduce(stats)
+        update, finite = self.decisions(stats)
+        self.apply(update)
+        return StepOutcome(step_on_device.reshape(()), stats, update, finite)
+
+    def gradients(self, x, z_prior, noise_seed, row_offset=0, attributes=None):
+        """Each network's own gradient in `.grad`; returns the detached stats (no synchronisation)."""
+        if self.mode.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.mode.compile:
+            if not isinstance(noise_seed, torch.Tensor):
+                noise_seed = torch.tensor([noise_seed], dtype=torch.int64)
+            noise_seed = noise_seed.to(x.device, non_blocking=True)
+        if self.mode.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are dead
+        for p in self.model.parameters():
+            p.grad = None
+        total, stats = self.forward(self.model, x, z_prior, self.update_config, noise_seed, row_offset,
+                                    self.autocast_dtype, attributes)
+        total.backward()
+        return stats
+
+    def decisions(self, stats):
+        """({network: 0-d bool tensor}, finite): which optimizers step, decided on the device (the
+        equilibrium rule and the non-finite guard: a step whose losses or gradients are not all
+        finite updates nothing)."""
+        names = sorted(name for name in stats if name in GUARDED_STATS)
+        costs = (stats["real_cost"], stats["fake_cost"]) if "real_cost" in stats else None
+        update, finite = self.decide([stats[n] for n in names], costs)
+        return {name: update[name] for name in self.optimizers}, finite
+
+    def apply(self, update):
+        """Step the optimizers of the networks `update` names: by a Python bool (the step runs or
+        not), or by a 0-d bool tensor (it runs, and is kept only where True: no synchronisation)."""
+        for name, step in self.optimizer_steps.items():
+            keep = update[name]
+            if isinstance(keep, torch.Tensor) and keep.device.type == "cpu" and self.read_cpu_decisions:
+                keep = bool(keep)
+            if isinstance(keep, torch.Tensor):
+                self.masked_steps[name](keep)
+            elif keep:
+                step()
