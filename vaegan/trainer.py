@@ -450,10 +450,12 @@ def run(cfg, ctx, device, saved):
     progress = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not ctx.is_main, dynamic_ncols=True,
                     file=sys.stderr)
     # the writer's thread writes checkpoints and grids; leaving this block waits for its last job
-    with StopRequest() as stop, contextlib.closing(checkpoint.Writer()) as writer_thread:
+    # (after closing the progress bar: an error is then printed on a line of its own)
+    with StopRequest() as stop, contextlib.closing(checkpoint.Writer()) as writer_thread, progress:
         if saved is None:
             save_checkpoint(0)  # from here on, a kill at any moment leaves a loadable checkpoint
         for images, attributes, bad_files in loader:
+            writer_thread.check()  # a failed write (a full disk) stops the run at the next step
             note_unreadable(bad_files)
             stats = train_one_step(images, attributes, step)
             step += 1
