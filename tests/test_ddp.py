@@ -1,8 +1,12 @@
-"""Two gloo processes under torchrun against one process on the same global batch."""
+"""Two gloo processes under torchrun (on one node, and as two nodes) against one process on the same
+global batch."""
 import os
+import signal
+import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, SMALL
@@ -51,14 +55,23 @@ def worst_difference(state, reference, start):
     return worst
 
 
-def test_two_processes_equal_one_process_and_replicas_stay_identical(tmp_path):
+# With --sync-bn BatchNorm normalises over the global batch: 2 x 4 images is then the math of 1 x 8.
+# In float64, so that summation order cannot flip the sign of a near-zero gradient (which
+# RMSProp's first steps would turn into a full step the other way).
+GLOBAL_BN = STEPS + ["--sync-bn", "--precision", "fp64"]
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The parameters one process trains on the global batch of 8 (GLOBAL_BN)."""
+    out = tmp_path_factory.mktemp("one")
+    launch(1, small(8) + GLOBAL_BN, out)
+    return torch.load(out / "rank0.pt")
+
+
+def test_two_processes_equal_one_process_and_replicas_stay_identical(tmp_path, one):
     start = initial_state()
-    # With --sync-bn BatchNorm normalises over the global batch: 2 x 4 images is then the math of 1 x 8.
-    # In float64, so that summation order cannot flip the sign of a near-zero gradient (which
-    # RMSProp's first steps would turn into a full step the other way).
-    launch(1, small(8) + STEPS + ["--sync-bn", "--precision", "fp64"], tmp_path / "one")
-    launch(2, small(4) + STEPS + ["--sync-bn", "--precision", "fp64"], tmp_path / "two")
-    one = torch.load(tmp_path / "one" / "rank0.pt")
+    launch(2, small(4) + GLOBAL_BN, tmp_path / "two")
     two = torch.load(tmp_path / "two" / "rank0.pt")
     assert_trained(one)
     assert worst_difference(two, one, start) < 1e-6
@@ -95,3 +108,41 @@ def test_fast_mode_on_two_processes_gives_the_eager_parameters(tmp_path):
     for rank in (0, 1):
         # 1e-6 of the movement: the compiled optimizers hold the learning rate as a float32 tensor
         assert worst_difference(torch.load(tmp_path / "fast" / f"rank{rank}.pt"), reference, start) < 1e-6
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_equal_one_process(tmp_path, one):
+    # Two torchrun launchers of one process each, joined by c10d rendezvous on this machine: what
+    # `torchrun --nnodes=2 --rdzv_backend=c10d` does across two machines.
+    endpoint = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "nodes"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=test-two-nodes",
+               WORKER, *small(4), *GLOBAL_BN, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    nodes = []
+    try:
+        for log in logs:  # to files, not pipes: neither launcher can block on a full pipe
+            with open(log, "w") as f:
+                nodes.append(subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                              start_new_session=True))
+        for node in nodes:
+            node.wait(timeout=600)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)  # the launcher and its worker
+    for node, log in zip(nodes, logs):
+        assert node.returncode == 0, log.read_text()[-3000:]
+    assert "2 process(es) x batch 4" in "".join(log.read_text() for log in logs)
+    rank0, rank1 = (torch.load(out / f"rank{rank}.pt") for rank in (0, 1))
+    assert_trained(rank0)
+    assert worst_difference(rank0, one, initial_state()) < 1e-6
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name

@@ -232,14 +232,14 @@ from vaegan import checkpoint, options, trainer
 from vaegan.config import TrainConfig
 real = checkpoint.atomic_write
 
-def hanging(path, write):  # every rewrite of checkpoint.pt after the first stops half-way
+def hanging(path, write, *args):  # every rewrite of checkpoint.pt after the first stops half-way
     if path.endswith("checkpoint.pt") and os.path.exists(path):
         def half(f):
             f.write(b"half a checkpoint")
             f.flush()
             time.sleep(600)
-        return real(path, half)
-    return real(path, write)
+        return real(path, half, *args)
+    return real(path, write, *args)
 
 checkpoint.atomic_write = hanging
 trainer.train(TrainConfig(steps=40, log_every=2, checkpoint_every=2, checkpoint_minutes=0, out=sys.argv[1],

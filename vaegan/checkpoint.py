@@ -3,8 +3,11 @@
 A run killed at any moment (SIGKILL included) therefore leaves either the previous complete
 file or the new complete file, never a torn one.
 """
+import errno
+import io
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -18,8 +21,14 @@ class CheckpointError(Exception):
     pass
 
 
-def atomic_write(path, write):
-    """Call write(file object) on a temporary file beside `path`, then rename it over `path`."""
+class DiskFullError(CheckpointError):
+    """A file that did not fit: no space left on its filesystem (or the user's quota is used up)."""
+
+
+def atomic_write(path, write, what=None):
+    """Call write(file object) on a temporary file beside `path`, then rename it over `path`.
+    A full disk is a DiskFullError naming the file (`what` describes it), the bytes it needs and
+    the bytes free; the temporary file is removed and a previous file at `path` is untouched."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
@@ -28,15 +37,61 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if out_of_space(e):  # one error, not a chain ending in torch's "unexpected pos"
+            raise DiskFullError(disk_full_message(path, write, what, directory)) from None
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def out_of_space(error):
+    """Whether `error`, or one it was raised while handling, is a write that found no room: torch.save
+    turns a failed write into a RuntimeError ("unexpected pos ...") raised while handling the OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _ByteCounter(io.RawIOBase):
+    """A file that keeps nothing and counts what is written to it."""
+
+    def __init__(self):
+        self.size = 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        n = memoryview(data).nbytes
+        self.size += n
+        return n
+
+    def tell(self):
+        return self.size
+
+
+def disk_full_message(path, write, what, directory):
+    counter = _ByteCounter()
+    try:
+        write(counter)  # the same bytes again, to a counter: the size the file would have had
+        needed = f"it needs {counter.size:,} bytes"
+    except Exception:
+        needed = "its size could not be measured"
+    free = shutil.disk_usage(directory).free
+    name = os.path.basename(path)
+    previous = f"the previous {name} is intact" if os.path.exists(path) else f"no {name} was written"
+    return (f"{path}: no space left on the device for {what or 'this file'}: {needed}, {free:,} bytes are free "
+            f"there; {previous}")
 
 
 def remove_stale_temporaries(directory):
@@ -47,7 +102,8 @@ def remove_stale_temporaries(directory):
 
 
 def save(path, state):
-    atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
+    what = f"the checkpoint of step {state['step']}" if "step" in state else "the checkpoint"
+    atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f), what)
 
 
 def write_json(path, value):
@@ -91,7 +147,7 @@ def snapshot(value):
 class Writer:
     """Writes files on a background thread, one job at a time: submit() returns at once unless the
     previous job is still running (then it waits for it: at most one in flight). A job's error is
-    raised by the next submit() or by wait()."""
+    raised by the next check(), submit() or wait()."""
 
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +162,11 @@ class Writer:
             ready = torch.cuda.Event()
             ready.record()
         self.pending = self.pool.submit(_after, ready, job, *args)
+
+    def check(self):
+        """Raise a finished job's error now; does not wait for a job still running."""
+        if self.pending is not None and self.pending.done():
+            self.wait()
 
     def wait(self):
         if self.pending is not None:

@@ -247,11 +247,13 @@ def loop(run):
                         run.train_step.attribute_columns)
     run.model.train()
     step = run.start_step
-    # the writer's thread writes checkpoints and grids; leaving this block waits for its last job
-    with run.stop, contextlib.closing(checkpoint.Writer()) as writer:
+    # the writer's thread writes checkpoints and grids; leaving this block waits for its last job (after
+    # closing the progress bar: an error is then printed on a line of its own)
+    with run.stop, contextlib.closing(checkpoint.Writer()) as writer, contextlib.closing(log):
         if not run.resumed:
             run.save_checkpoint(0, schedule.paths(cfg.out, 0), writer)  # from here on a kill leaves a checkpoint
         for images, attributes, bad_files in run.loader:
+            writer.check()  # a failed write (a full disk) stops the run at the next step
             run.note_unreadable(bad_files, log)
             run.tally.add(run.train_step(images, attributes, step))
             step += 1
@@ -271,7 +273,6 @@ def loop(run):
             if stopping:
                 log.line(f"vaegan: stop requested; saved step {step} to {cfg.out}, resume with --resume {cfg.out}")
                 break
-    log.close()
     if run.unreadable:
         log.line(f"vaegan: {len(run.unreadable)} unreadable image(s) were skipped (listed in the checkpoint)")
     log.line(f"vaegan: done at step {step}; run directory {cfg.out}")
