@@ -14,7 +14,7 @@ import torch
 from conftest import SMALL
 from vaegan import checkpoint
 from vaegan.cli import train_command
-from vaegan.fast import TrainStep
+from vaegan.train_step import TrainStep
 
 NEEDED_AND_FREE = re.compile(r"it needs ([\d,]+) bytes, ([\d,]+) bytes are free there")
 
