@@ -12,6 +12,7 @@ from vaegan import distributed
 from vaegan.config import ConfigError, TrainConfig
 from vaegan.distributed import Context, OverlappedGradientReducer
 from vaegan.gradients import UpdateConfig, compute_gradients, compute_gradients_reference
+from vaegan.gradients import routed_losses as compute_routed
 from vaegan.optimizers import make_optimizer, set_learning_rate
 from vaegan.options import Machine, check, resolve_optimizer_impl
 from vaegan.train_step import StepMode, TrainStep
@@ -161,12 +162,61 @@ def test_train_with_compile_logs_the_mode(tmp_path):
     done = run_train(SMALL + ["--steps", "3", "--compile", "--compile-backend", "aot_eager", "--log-every", "1",
                               "--out", str(tmp_path / "run")])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "step torch.compile (aot_eager), channels-last, optimizers foreach (default (torch has no fused RMSprop))" \
-        in done.stderr
+    assert ("step torch.compile (aot_eager), channels-last (requested), optimizers foreach (default (torch has no fused "
+            "RMSprop))") in done.stderr
     done = run_train(SMALL + ["--steps", "1", "--cuda-graphs", "--compile", "--out", str(tmp_path / "x")])
     assert done.returncode == 2 and "--cuda-graphs needs CUDA" in done.stderr
     done = run_train(SMALL + ["--steps", "1", "--compile", "--kernels", "triton", "--out", str(tmp_path / "y")])
     assert done.returncode == 2 and "--compile with --kernels triton needs CUDA" in done.stderr
+    done = run_train(SMALL + ["--steps", "1", "--cuda-graphs", "--no-compile", "--out", str(tmp_path / "z")])
+    assert done.returncode == 2 and "--cuda-graphs" in done.stderr
+
+
+def test_the_step_is_compiled_by_default_on_cuda_only():
+    from vaegan.options import resolve_compile
+    assert resolve_compile(TrainConfig(), "cuda", 1)[:2] == (True, True)
+    assert resolve_compile(TrainConfig(), "cpu", 1)[:2] == (False, False)
+    assert resolve_compile(TrainConfig(sync_bn=True), "cuda", 2)[:2] == (True, False)  # NCCL cannot be captured
+    assert resolve_compile(TrainConfig(sync_bn=True), "cuda", 1)[:2] == (True, True)
+    assert resolve_compile(TrainConfig(compile=False), "cuda", 1) == (False, False, "requested")
+    assert resolve_compile(TrainConfig(compile=True), "cpu", 1)[:2] == (True, False)
+
+
+def _steps(step, x, n):
+    for i in range(n):
+        step(x, None, i)
+    return [p.detach().clone() for p in step.model.parameters()]
+
+
+def test_compiling_before_the_first_step_leaves_the_model_and_optimizers_as_they_were():
+    # the trial step compiles, then everything is put back: the steps after it are the steps without it
+    results = []
+    for trial in (False, True):
+        torch._dynamo.reset()
+        model, x, _, _ = make("vaegan", seed=4, dtype=torch.float32)
+        step = TrainStep(model, optimizers(model, tensor_lr=True), UpdateConfig(gamma=1e-3), None,
+                         StepMode(compile=True, backend="aot_eager"))
+        if trial:
+            assert step.compile_now(x.shape[0], x.shape[1:]) is None
+        results.append(_steps(step, x, 3))
+    assert all(torch.equal(p, q) for p, q in zip(*results))
+
+
+def test_a_step_that_fails_to_compile_runs_eager_from_where_it_was():
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C compiler on this machine\nsecond line")
+    results = []
+    for compiled in (True, False):
+        torch._dynamo.reset()
+        model, x, _, _ = make("vaegan", seed=4, dtype=torch.float32)
+        step = TrainStep(model, optimizers(model, tensor_lr=compiled), UpdateConfig(gamma=1e-3), None,
+                         StepMode(compile=compiled, backend=no_compiler))
+        if compiled:
+            reason = step.compile_now(x.shape[0], x.shape[1:])
+            assert "no C compiler on this machine" in reason and "second line" not in reason
+            assert not step.mode.compile and step.forward is compute_routed
+        results.append(_steps(step, x, 3))
+    assert all(torch.equal(p, q) for p, q in zip(*results))
 
 
 class StepInGroupAdam(torch.optim.Adam):
@@ -190,3 +240,25 @@ def test_a_masked_step_refuses_an_optimizer_that_counts_steps_in_its_param_group
     plain.param_groups[0]["params"][0].grad = torch.ones(3)
     masked_step(plain, torch.tensor(False))  # torch's Adam keeps its step with its state: masked exactly
     assert torch.equal(plain.param_groups[0]["params"][0], torch.ones(3))
+
+
+def test_the_trainer_runs_eager_when_compiling_by_default_fails(tmp_path, monkeypatch, capsys):
+    # the CUDA default, decided without a GPU: compile by default, with a backend that cannot compile
+    import json
+
+    from vaegan import checkpoint, options, trainer
+
+    @torch._dynamo.register_backend(name="vaegan_test_cannot_compile")
+    def cannot_compile(graph, example_inputs):
+        raise RuntimeError("no C compiler on this machine")
+    monkeypatch.setattr(options, "resolve_compile", lambda cfg, device_type, world_size: (True, False, "default"))
+    tiny = dict(image_size=32, latent_size=16, fc_width=64, batch_size=8, workers=0, device="cpu", steps=4,
+                log_every=2, sample_every=100, precision="fp32", compile_backend="vaegan_test_cannot_compile")
+    torch._dynamo.reset()
+    trainer.train(TrainConfig(out=str(tmp_path / "default"), **tiny))
+    assert ("step eager, channels-last (default with CUDA, but compiling failed (RuntimeError: no C compiler on this "
+            "machine") in capsys.readouterr().err
+    assert json.load(open(tmp_path / "default" / "config.json"))["compile"] is False
+    trainer.train(TrainConfig(out=str(tmp_path / "eager"), compile=False, **tiny))
+    fell_back, eager = (checkpoint.load(str(tmp_path / name))["model"] for name in ("default", "eager"))
+    assert all(torch.equal(fell_back[n], eager[n]) for n in eager)

@@ -58,8 +58,8 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # bf16 on CUDA devices that support it and on CPUs with bf16 instructions
     kernels: str = "auto"   # triton on CUDA, torch elsewhere
-    compile: bool = False
-    cuda_graphs: bool = False
+    compile: bool = None      # default: on with CUDA (eager if compiling fails), off on CPUs
+    cuda_graphs: bool = None  # default: with compile on CUDA (not with --sync-bn across processes)
     compile_backend: str = "inductor"
     memory_format: str = "auto"   # channels-last (on CPUs too: bench/results/cpu-20261126-formats.txt)
     optimizer_impl: str = "auto"  # fused (adam on CUDA) or foreach
@@ -204,10 +204,13 @@ def add_train_arguments(parser):
     a("--kernels", choices=("auto", "torch", "triton"), default=d.kernels,
       help="loss implementation: the fused Triton kernels or the PyTorch reference losses "
            "(default: auto: triton on CUDA, torch elsewhere; on a CPU triton needs TRITON_INTERPRET=1)")
-    a("--compile", action="store_true",
-      help="torch.compile the step: the forward with its routed backward, and each optimizer step (default: eager)")
-    a("--cuda-graphs", action="store_true",
-      help="with --compile on CUDA: capture the compiled step in CUDA graphs (mode reduce-overhead)")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the step: the forward with its routed backward, and each optimizer step (default: on "
+           "with CUDA, where a step that fails to compile runs eager and the start lines say why; off on CPUs, "
+           "where compiling takes longer than the demo's training)")
+    a("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+      help="with --compile on CUDA: capture the compiled step in CUDA graphs (mode reduce-overhead) (default: on "
+           "when the step is compiled on CUDA, except with --sync-bn across processes)")
     a("--compile-backend", choices=("inductor", "aot_eager"), default=d.compile_backend,
       help="torch.compile backend: inductor (generates kernels) or aot_eager (traces only; for debugging) "
            "(default: inductor)")

@@ -1,8 +1,8 @@
 """Every `auto` option turned into a value, with the reason for it, and every check across options.
 
 `resolve(cfg, device, world_size, dataset)` is the one place a run's choices are made: the data's
-presets, the precision, the attributes a conditional model takes, the kernels, the memory format,
-the optimizers' implementation and the loader. What it returns holds no `auto` (it is config.json).
+presets, the precision, the attributes a conditional model takes, the kernels, whether the step is
+compiled and captured in CUDA graphs, the memory format, the optimizers' implementation and the loader. What it returns holds no `auto` (it is config.json).
 `CHECKS` is the table of option combinations that cannot run; `check` applies it, before anything
 is built (the rows that need no machine) and again on the resolved values.
 """
@@ -47,10 +47,10 @@ CHECKS = (
     (False, lambda c, m: c.optimizer_impl == "fused" and c.optimizer != "adam",
      lambda c, m: f"--optimizer-impl fused: torch has no fused {c.optimizer}; use foreach (the default)"),
     (False, lambda c, m: c.optimizer_impl == "apex", lambda c, m: APEX_REFUSED),
-    (False, lambda c, m: c.cuda_graphs and not c.compile,
-     lambda c, m: "--cuda-graphs captures the compiled step: add --compile"),
     (True, lambda c, m: c.cuda_graphs and m.device_type != "cuda",
      lambda c, m: "--cuda-graphs needs CUDA; this run is on the CPU"),
+    (False, lambda c, m: c.cuda_graphs and c.compile is False,
+     lambda c, m: "--cuda-graphs captures the compiled step: drop --no-compile"),
     (True, lambda c, m: c.cuda_graphs and c.sync_bn and m.world_size > 1,
      lambda c, m: "--cuda-graphs with --sync-bn across processes would capture NCCL all-reduces in a CUDA graph, "
                   "which is not supported here: drop one of them (--compile alone works with --sync-bn)"),
@@ -149,6 +149,21 @@ def resolve_loader(choice, device, in_memory):
     return "dali", "GPU decoding" if device.type == "cuda" else "CPU operators"
 
 
+def resolve_compile(cfg, device_type, world_size):
+    """(compile, cuda_graphs, why): --compile and --cuda-graphs as given, else on with CUDA; CUDA graphs
+    not with --sync-bn across processes (their NCCL all-reduces cannot be captured)."""
+    compile_step = cfg.compile if cfg.compile is not None else device_type == "cuda"
+    graphs_possible = compile_step and device_type == "cuda" and not (cfg.sync_bn and world_size > 1)
+    cuda_graphs = cfg.cuda_graphs if cfg.cuda_graphs is not None else graphs_possible
+    if cfg.compile is not None:
+        why = "requested"
+    elif device_type == "cuda":
+        why = "default with CUDA; eager if compiling fails"
+    else:
+        why = "default on CPUs: eager (compiling takes longer than a short CPU run)"
+    return compile_step, cuda_graphs, why
+
+
 def resolve_attributes(cfg, dataset):
     """(the attribute names a conditional model conditions on, why), or (None, why) for the others."""
     if cfg.model not in CONDITIONAL_KINDS:
@@ -182,6 +197,7 @@ def resolve(cfg, device, world_size=1, dataset=None):
         reasons["precision"] = "requested, or kept from the run's start"
     values["attributes"], reasons["attributes"] = resolve_attributes(cfg, dataset)
     values["kernels"], reasons["kernels"] = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
+    values["compile"], values["cuda_graphs"], reasons["compile"] = resolve_compile(cfg, device.type, world_size)
     values["memory_format"] = "channels-last" if cfg.memory_format == "auto" else cfg.memory_format
     reasons["memory_format"] = "default" if cfg.memory_format == "auto" else "requested"
     values["optimizer_impl"], reasons["optimizer_impl"] = resolve_optimizer_impl(cfg.optimizer_impl, cfg.optimizer,

@@ -59,7 +59,7 @@ class RunLog:
                   f"({why['loader']}), augment {augment}, kernels {cfg.kernels} ({why['kernels']}), "
                   f"{ctx.world_size} process(es) x batch {cfg.batch_size}, "
                   f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
-        self.line(f"vaegan: step {run.train_step.mode.describe()}, optimizers {cfg.optimizer_impl} "
+        self.line(f"vaegan: step {run.train_step.mode.describe()} ({why['compile']}), optimizers {cfg.optimizer_impl} "
                   f"({why['optimizer_impl']})"
                   + (f", gradients averaged {'in buckets during the backward pass' if cfg.overlap_allreduce else 'after the backward pass'}"
                      if ctx.distributed else ""))

@@ -19,7 +19,7 @@ The host-side rule (optimizers that simply do not run) is the reference: the tes
 steps bit-identical to it.
 """
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -75,13 +75,18 @@ class TrainStep:
         self.attribute_columns, self.reduce = attribute_columns, reduce
         first = next(model.parameters())
         self.device, self.param_dtype = first.device, first.dtype
+        if mode.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self._build()
+
+    def _build(self):
+        """The step's functions, eager or compiled as self.mode says."""
+        mode, optimizers = self.mode, self.optimizers
         self.forward = routed_losses
         self.optimizer_steps = {name: opt.step for name, opt in optimizers.items()}
         self.masked_steps = {name: functools.partial(masked_step, opt) for name, opt in optimizers.items()}
         self.noise = philox.step_noise  # (seed, step) -> (noise seed, prior codes), on the device
-        self.decide = functools.partial(step_decisions, update_config, model)
-        if mode.channels_last:
-            model.to(memory_format=torch.channels_last)
+        self.decide = functools.partial(step_decisions, self.update_config, self.model)
         if mode.compile:
             # past dynamo's recompile limit the step would run eager, silently: make that an error
             torch._dynamo.config.fail_on_recompile_limit_hit = True
@@ -93,6 +98,40 @@ class TrainStep:
                                  for name, step in self.masked_steps.items()}
             self.decide = torch.compile(self.decide, backend=mode.backend)
             self.noise = torch.compile(self.noise, backend=mode.backend)
+
+    def compile_now(self, batch, image_shape, attribute_count=0):
+        """Compile the step before training, by running it on random images, and put the parameters,
+        the BatchNorm statistics and the optimizers' state back exactly as they were (state the trial
+        created is zeroed, which is how torch's optimizers start). Returns None, or why compiling
+        failed: the step is then eager."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        existing = [v for opt in self.optimizers.values() for state in opt.state.values() for v in state.values()
+                    if torch.is_tensor(v)]
+        saved = [t.detach().clone() for t in tensors + existing]
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand((batch, *image_shape), generator=generator) * 2 - 1
+        attributes = torch.zeros(batch, attribute_count)
+        failure = None
+        try:
+            for trial in range(2 if self.mode.cuda_graphs else 1):  # CUDA-graph trees record on their second call
+                self(images, attributes, trial)
+        except Exception as e:
+            while getattr(e, "inner_exception", None) or e.__cause__:  # dynamo wraps what the compiler raised
+                e = getattr(e, "inner_exception", None) or e.__cause__
+            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            self.mode = replace(self.mode, compile=False, cuda_graphs=False)
+            self._build()
+        with torch.no_grad():
+            for t, value in zip(tensors + existing, saved):
+                t.copy_(value)
+            for opt in self.optimizers.values():
+                for state in opt.state.values():
+                    for v in state.values():
+                        if torch.is_tensor(v) and not any(v is e for e in existing):
+                            v.zero_()
+            for p in self.model.parameters():
+                p.grad = None
+        return failure
 
     def __call__(self, images, attributes, step):
         """The whole step, queued on the device: nothing in it waits for the device."""

@@ -224,6 +224,13 @@ def setup(cfg, ctx, device, saved):
     reset_learning_rate(optimizers, learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps),
                         tensor_lr=cfg.compile)
     distributed.broadcast_state(model, ctx)
+    if cfg.compile and requested.compile is None:  # compiled by default: what fails to compile runs eager
+        failure = train_step.compile_now(cfg.batch_size, (cfg.channels, cfg.image_size, cfg.image_size),
+                                         len(dataset.attribute_names))
+        reasons["compile"] = "default with CUDA, compiled before the first step"
+        if failure:
+            cfg = replace(cfg, compile=False, cuda_graphs=False)
+            reasons["compile"] = f"default with CUDA, but compiling failed ({failure}), so eager"
     loader, sampler, loader_kind, reasons["loader"] = open_loader(cfg, dataset, ctx, device, start_step,
                                                                   reasons["loader"], requested.loader == "auto")
     cfg = replace(cfg, loader=loader_kind)
