@@ -127,8 +127,9 @@ def test_options_that_cannot_run_are_refused():
         resolve_optimizer_impl("fused", "rmsprop", "cuda")
     with pytest.raises(ConfigError, match="a skipped step .* cannot restore"):
         resolve_optimizer_impl("apex", "adam", "cuda")
-    with pytest.raises(ConfigError, match="add --compile"):
-        check(TrainConfig(cuda_graphs=True))
+    with pytest.raises(ConfigError, match="drop --no-compile"):
+        check(TrainConfig(compile=False, cuda_graphs=True))
+    check(TrainConfig(cuda_graphs=True))  # the step is compiled by default where graphs can run
     with pytest.raises(ConfigError, match="--cuda-graphs needs CUDA"):
         check(TrainConfig(compile=True, cuda_graphs=True), Machine("cpu", 1, False))
     with pytest.raises(ConfigError, match="would capture NCCL all-reduces in a CUDA graph"):
@@ -251,7 +252,8 @@ def test_the_trainer_runs_eager_when_compiling_by_default_fails(tmp_path, monkey
     @torch._dynamo.register_backend(name="vaegan_test_cannot_compile")
     def cannot_compile(graph, example_inputs):
         raise RuntimeError("no C compiler on this machine")
-    monkeypatch.setattr(options, "resolve_compile", lambda cfg, device_type, world_size: (True, False, "default"))
+    monkeypatch.setattr(options, "resolve_compile",
+                        lambda cfg, device_type, world_size: (cfg.compile is not False, False, "default"))
     tiny = dict(image_size=32, latent_size=16, fc_width=64, batch_size=8, workers=0, device="cpu", steps=4,
                 log_every=2, sample_every=100, precision="fp32", compile_backend="vaegan_test_cannot_compile")
     torch._dynamo.reset()
