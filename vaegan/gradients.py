@@ -173,7 +173,6 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
     batch, y = x.shape[0], attributes
     kl = llike = dis_loss = gen_loss = real_cost = fake_cost = pixel_error = None
     with _autocast(x, autocast_dtype):
-        total = 0.0
         if enc is not None:
             mu, logvar = enc(x, y)
             z, kl = _reparameterise(cfg, mu, logvar, noise_seed, row_offset)
@@ -181,13 +180,6 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
             x_rec = dec(scale_grad(z, 1.0 / w), y)  # the encoder receives dL_llike/dz at weight 1 ...
             x_rec_llike = scale_grad(x_rec, w)    # ... and the decoder at weight w
             pixel_error = pixel_mse(x_rec, x)
-            if dis is None:  # plain VAE: the Gaussian in pixel space
-                llike = cfg.ops.feature_nll(x_rec_llike, x).mean()
-            else:
-                features_rec, features_real = _split(
-                    frozen(dis, torch.cat([x_rec_llike, x]), _cat(y, y), features_only=True), batch)
-                llike = cfg.ops.feature_nll(features_rec, features_real.detach()).mean()
-            total = kl + llike
         if dis is not None:
             y_fakes = y
             # the decoder's statistics are its reconstructions' (a GAN has no other pass)
@@ -203,7 +195,22 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
             gan_scale = decoder_gan_scale(cfg, batch, fakes.shape[0])
             # minimax: the decoder descends -L_dis (weights undone), the discriminator's gradient reversed at the fakes
             fakes_for_dis = scale_grad(fakes, -gan_scale) if minimax else fakes.detach()
-            logits_real, logits_fake = _split(dis(torch.cat([x, fakes_for_dis]), _cat(y, y_fakes)), batch)
+            # the real images' per-image layers, with the live weights; the frozen passes reuse them detached
+            # (they only need their values: the real half of a frozen pass sends no gradient anywhere)
+            per_image = dis(torch.cat([x, fakes_for_dis]), _cat(y, y_fakes), per_image_only=True)
+            real_per_image = per_image[:batch].detach()
+        total = 0.0
+        if enc is not None:
+            if dis is None:  # plain VAE: the Gaussian in pixel space
+                llike = cfg.ops.feature_nll(x_rec_llike, x).mean()
+            else:
+                rec_per_image = frozen(dis, x_rec_llike, y, per_image_only=True)
+                features_rec, features_real = _split(frozen(dis, torch.cat([rec_per_image, real_per_image]),
+                                                            features_only=True, from_per_image=True), batch)
+                llike = cfg.ops.feature_nll(features_rec, features_real.detach()).mean()
+            total = kl + llike
+        if dis is not None:
+            logits_real, logits_fake = _split(dis(per_image, from_per_image=True), batch)
             dis_loss, _, real_cost, fake_cost = cfg.ops.gan_loss(logits_real, logits_fake, cfg.real_weight,
                                                                  cfg.fake_weight)
             total = total + dis_loss
@@ -211,7 +218,9 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
                 if minimax:
                     gen_loss = -gan_scale * dis_loss  # reported; its gradient is already routed
                 else:
-                    frozen_real, frozen_fake = _split(frozen(dis, torch.cat([x, fakes]), _cat(y, y_fakes)), batch)
+                    fake_per_image = frozen(dis, fakes, y_fakes, per_image_only=True)
+                    frozen_real, frozen_fake = _split(frozen(dis, torch.cat([real_per_image, fake_per_image]),
+                                                             from_per_image=True), batch)
                     gen_loss = gan_scale * cfg.ops.gan_loss(frozen_real.detach(), frozen_fake, cfg.real_weight,
                                                             cfg.fake_weight)[1]
                     total = total + gen_loss

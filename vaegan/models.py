@@ -127,8 +127,17 @@ class Discriminator(nn.Module):
             nn.Linear(stages[-1] * BASE * BASE, fc, bias=False), nn.BatchNorm1d(fc), nn.ReLU(),
             nn.Linear(fc, 1))
 
-    def forward(self, x, y=None, features_only=False):
-        features = self.features(with_attribute_channels(x, y))
+    # The first convolution, its ReLU and the second convolution see one image at a time (the first
+    # BatchNorm comes after them): the routed step computes them once for the real images.
+    PER_IMAGE_LAYERS = 3
+
+    def forward(self, x, y=None, features_only=False, per_image_only=False, from_per_image=False):
+        """per_image_only: stop after the per-image layers; from_per_image: x is their output (y is then
+        already in it)."""
+        h = x if from_per_image else self.features[:self.PER_IMAGE_LAYERS](with_attribute_channels(x, y))
+        if per_image_only:
+            return h
+        features = self.features[self.PER_IMAGE_LAYERS:](h)
         if features_only:
             return features
         return self.head(features).squeeze(1)
