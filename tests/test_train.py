@@ -47,6 +47,10 @@ def test_run_writes_config_metrics_grids_tensorboard_and_a_loadable_model(tmp_pa
     assert [m["lr"] for m in lines] == [learning_rate("authors", config["lr"], s - 1, 4) for s in (2, 4)]
     assert lines[0]["lr"] < config["lr"] and lines[1]["lr"] < lines[0]["lr"]
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
+    # the checkpoint keeps the options as given, with the run's own decisions: a resume decides the machine's again
+    kept = saved["config"]
+    assert kept["precision"] == precision and kept["kernels"] == kept["loader"] == "auto"
+    assert kept["compile"] is None and kept["memory_format"] == kept["optimizer_impl"] == "auto"
     for state in saved["optimizers"].values():
         assert float(state["param_groups"][0]["lr"]) == pytest.approx(learning_rate("authors", config["lr"], 4, 4))
     for name in ("samples-0000002.png", "reconstructions-0000004.png", "checkpoint.pt"):

@@ -3,8 +3,12 @@
 `resolve(cfg, device, world_size, dataset)` is the one place a run's choices are made: the data's
 presets, the precision, the attributes a conditional model takes, the kernels, whether the step is
 compiled and captured in CUDA graphs, the memory format, the optimizers' implementation and the loader. What it returns holds no `auto` (it is config.json).
-`CHECKS` is the table of option combinations that cannot run; `check` applies it, before anything
-is built (the rows that need no machine) and again on the resolved values.
+`CHECKS` is the table of option combinations (and of options with the machine and the data) that
+cannot run; `check` applies it, before anything is built (the rows that need no machine) and again
+on the resolved values. A choice asked for by name that this machine or data cannot provide (CUDA,
+Triton, DALI, the data's attributes) is refused where it is resolved, with the reason. Two choices
+are confirmed only when built (trainer.setup): a default compile that fails runs eager, and a DALI
+pipeline that `auto` chose but cannot be built gives way to PIL; both say so on the start lines.
 """
 from collections import namedtuple
 from dataclasses import replace
@@ -57,6 +61,8 @@ CHECKS = (
     (True, lambda c, m: c.compile and c.kernels == "triton" and m.device_type != "cuda",
      lambda c, m: "--compile with --kernels triton needs CUDA (Triton's interpreter cannot be compiled); "
                   "use --kernels torch on the CPU"),
+    (True, lambda c, m: c.loader == "dali" and m.data_in_memory,
+     lambda c, m: "--loader dali: the built-in faces are held in memory; use --loader pil"),
     (True, lambda c, m: c.augment == "authors" and m.data_in_memory,
      lambda c, m: "--augment authors augments image files before the crop; the built-in faces are held in memory, "
                   "already cropped and resized: use --augment flip, or pass --data DIR"),
@@ -124,15 +130,11 @@ def resolve_kernels(choice, device, gan_loss_form="logits"):
 
 
 def resolve_optimizer_impl(choice, optimizer, device_type):
-    """("for-loop" | "foreach" | "fused", why): an explicit choice that cannot run is an error."""
+    """("for-loop" | "foreach" | "fused", why); what cannot run is refused by CHECKS."""
     if choice == "auto":
         if optimizer == "adam" and device_type == "cuda":
             return "fused", "default for adam on CUDA"
         return "foreach", "default" + (" (torch has no fused RMSprop)" if optimizer == "rmsprop" else "")
-    if choice == "fused" and optimizer != "adam":
-        raise ConfigError(f"--optimizer-impl fused: torch has no fused {optimizer}; use foreach (the default)")
-    if choice == "apex":
-        raise ConfigError(APEX_REFUSED)
     return choice, "requested"
 
 
@@ -141,10 +143,10 @@ def resolve_loader(choice, device, in_memory):
     from .data.dali import dali_unavailable_reason
     if choice == "pil" or (choice == "auto" and (device.type != "cuda" or in_memory)):
         return "pil", f"{'requested' if choice == 'pil' else 'default'}, {{workers}} workers"
-    reason = dali_unavailable_reason()
-    if reason or in_memory:
+    reason = "the built-in faces are held in memory" if in_memory else dali_unavailable_reason()
+    if reason:
         if choice == "dali":
-            raise ConfigError(f"--loader dali: {reason or 'the built-in faces are held in memory; use --loader pil'}")
+            raise ConfigError(f"--loader dali: {reason}")
         return "pil", f"default, as {reason}; {{workers}} workers"
     return "dali", "GPU decoding" if device.type == "cuda" else "CPU operators"
 
@@ -180,12 +182,12 @@ def resolve_attributes(cfg, dataset):
     return ",".join(names), "requested" if cfg.attributes else "default: every attribute the data has"
 
 
-def resolve(cfg, device, world_size=1, dataset=None):
+def resolve(cfg, device, world_size=1, dataset=None, resumed=False):
     """(cfg with every `auto` and data default decided, {option: why it has its value}).
 
     device: the torch.device the run uses (resolve_device's, with the process's index); dataset:
     the training data (its attribute names and whether it is held in memory), or None for a
-    benchmark's generated batches."""
+    benchmark's generated batches; resumed: the run continues a checkpoint (its precision is the start's)."""
     cfg = cfg.resolved()
     check(cfg)
     reasons = {"device": "requested" if cfg.device != "auto" else "auto: "
@@ -194,7 +196,7 @@ def resolve(cfg, device, world_size=1, dataset=None):
     if cfg.precision == "auto":
         values["precision"], reasons["precision"] = resolve_precision(device)
     else:
-        reasons["precision"] = "requested, or kept from the run's start"
+        reasons["precision"] = "kept from the run's start" if resumed else "requested"
     values["attributes"], reasons["attributes"] = resolve_attributes(cfg, dataset)
     values["kernels"], reasons["kernels"] = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
     values["compile"], values["cuda_graphs"], reasons["compile"] = resolve_compile(cfg, device.type, world_size)

@@ -68,8 +68,9 @@ class RunLog:
                   f"{f', {lr:.3g} at step {run.start_step}' if lr != cfg.lr else ''}), gamma {cfg.gamma:g}, decoder GAN "
                   f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}; every value used is "
                   "in config.json")
-        self.line(f"vaegan: {'resuming at' if run.start_step else 'starting at'} step {run.start_step} of {cfg.steps}; "
+        self.line(f"vaegan: {'resuming at' if run.resumed else 'starting at'} step {run.start_step} of {cfg.steps}; "
                   f"run directory {cfg.out}")
+        self.since = (time.perf_counter(), run.start_step)
 
     def step(self, step, losses, updated, skipped, unreadable):
         """A log step: one line of metrics.jsonl, the same in TensorBoard, and the progress bar's figures."""

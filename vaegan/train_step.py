@@ -99,6 +99,10 @@ class TrainStep:
             self.decide = torch.compile(self.decide, backend=mode.backend)
             self.noise = torch.compile(self.noise, backend=mode.backend)
 
+    def run_eager(self):
+        self.mode = replace(self.mode, compile=False, cuda_graphs=False)
+        self._build()
+
     def compile_now(self, batch, image_shape, attribute_count=0):
         """Compile the step before training, by running it on random images, and put the parameters,
         the BatchNorm statistics and the optimizers' state back exactly as they were (state the trial
@@ -119,8 +123,7 @@ class TrainStep:
             while getattr(e, "inner_exception", None) or e.__cause__:  # dynamo wraps what the compiler raised
                 e = getattr(e, "inner_exception", None) or e.__cause__
             failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            self.mode = replace(self.mode, compile=False, cuda_graphs=False)
-            self._build()
+            self.run_eager()
         with torch.no_grad():
             for t, value in zip(tensors + existing, saved):
                 t.copy_(value)

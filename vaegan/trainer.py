@@ -40,10 +40,11 @@ def build_model(cfg):
     return model
 
 
-def build_step(cfg, device, ctx=distributed.Context(), attribute_columns=None, stop=None):
+def build_step(cfg, device, ctx=None, attribute_columns=None, stop=None):
     """(model, optimizers, train_step) for a resolved `cfg` on `device`: what the trainer runs and
     the benchmarks time. Across processes the step averages through distributed.StepAverage, which
     carries `stop`'s request."""
+    ctx = ctx or distributed.Context()
     model = build_model(cfg).to(device, torch.float64 if cfg.precision == "fp64" else torch.float32)
     optimizers = build_optimizers(model, cfg, cfg.optimizer_impl, tensor_lr=cfg.compile,
                                   global_batch=cfg.batch_size * ctx.world_size)
@@ -199,7 +200,7 @@ def train(cfg):
 
 def setup(cfg, ctx, device, saved):
     """Resolve the options, build the data, the model, its optimizers, the step and the loader,
-    restore a checkpoint, and prepare the run directory."""
+    restore a checkpoint, and write config.json (the values used) in the run directory."""
     if device.type == "cuda" and ctx.distributed:
         device = torch.device("cuda", ctx.local_rank)
     elif device.type == "cuda" and device.index is None:  # DALI and the kernels' check need the index
@@ -207,7 +208,7 @@ def setup(cfg, ctx, device, saved):
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(cfg.data, "train", cfg.image_size, cfg.channels)
     requested = cfg
-    cfg, reasons = options.resolve(cfg, device, ctx.world_size, dataset)
+    cfg, reasons = options.resolve(cfg, device, ctx.world_size, dataset, resumed=saved is not None)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
     columns = [dataset.attribute_names.index(n) for n in cfg.attributes.split(",")] if cfg.attributes else None
@@ -228,9 +229,14 @@ def setup(cfg, ctx, device, saved):
         failure = train_step.compile_now(cfg.batch_size, (cfg.channels, cfg.image_size, cfg.image_size),
                                          len(dataset.attribute_names))
         reasons["compile"] = "default with CUDA, compiled before the first step"
-        if failure:
+        if distributed.any_rank(failure is not None, ctx, device):  # every process runs the same step
+            failure = failure or "on another process"
+            train_step.run_eager()
             cfg = replace(cfg, compile=False, cuda_graphs=False)
             reasons["compile"] = f"default with CUDA, but compiling failed ({failure}), so eager"
+            # a float rate, as a run that never compiled holds it (a tensor rate rounds differently on CUDA)
+            reset_learning_rate(optimizers, learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps),
+                                tensor_lr=False)
     loader, sampler, loader_kind, reasons["loader"] = open_loader(cfg, dataset, ctx, device, start_step,
                                                                   reasons["loader"], requested.loader == "auto")
     cfg = replace(cfg, loader=loader_kind)
@@ -246,12 +252,12 @@ def setup(cfg, ctx, device, saved):
 
 def loop(run):
     cfg, ctx = run.cfg, run.ctx
-    log = RunLog(cfg, ctx.is_main, run.start_step, ctx.world_size)
-    log.start(run)
     schedule = checkpoint.CheckpointSchedule(cfg.checkpoint_minutes, cfg.checkpoint_every, cfg.keep_every, cfg.steps,
                                              cfg.log_every, lambda flag: distributed.any_rank(flag, ctx, run.device))
     grids = SampleGrids(run.model, run.dataset, cfg.latent_size, cfg.seed, cfg.out, ctx.is_main,
                         run.train_step.attribute_columns)
+    log = RunLog(cfg, ctx.is_main, run.start_step, ctx.world_size)
+    log.start(run)
     run.model.train()
     step = run.start_step
     # the writer's thread writes checkpoints and grids; leaving this block waits for its last job (after
@@ -271,7 +277,7 @@ def loop(run):
             if step % cfg.log_every == 0 or step == cfg.steps or stopping:
                 losses, updated, skipped = run.read_tally()
                 log.step(step, losses, updated, skipped, len(run.unreadable))
-                stopping = stopping or losses.get("stop", 0.0) > 0
+                stopping = stopping or losses.get("stop", 0.0) > 0  # any process's request (StepAverage)
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 grids.save(step, writer)
             if schedule.due(step, stopping):
