@@ -145,9 +145,12 @@ PREFETCH_PER_WORKER = 4  # batches each worker keeps ready
 
 
 def make_loader(dataset, sampler, workers, pin_memory=False, device="cpu"):
-    """The PIL loader: the built-in faces (in memory, already preprocessed: flips only) in the main
-    process; image files decoded in `workers` processes and preprocessed in batches (DecodingLoader)."""
-    if not dataset.in_memory:
+    """The PIL loader. Image files (datasets.ImageFiles): decoded in `workers` processes and preprocessed
+    in batches (DecodingLoader). Other datasets (the built-in faces, held preprocessed: flips only; a
+    view such as the regressor's) yield their own items, collated, in the main process when in memory."""
+    if hasattr(dataset, "decode"):
         return DecodingLoader(dataset, sampler, workers, device)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0, collate_fn=collate,
-                                       pin_memory=pin_memory)
+    workers = 0 if dataset.in_memory else workers
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                       collate_fn=collate, pin_memory=pin_memory,
+                                       prefetch_factor=PREFETCH_PER_WORKER if workers else None)
