@@ -105,7 +105,8 @@ def test_the_pil_loader_preprocesses_decoded_batches_with_preprocess_batch(tmp_p
         sampler = StepBatchSampler(len(dataset), 3, 0, 1, seed=4, start_step=0, end_step=2)
         for (images, _, _), batch in zip(make_loader(dataset, sampler, 0), sampler):
             decoded = torch.stack([torch.from_numpy(dataset.decode(index)) for index, _, _ in batch])
-            assert decoded.shape[1:] == ((218, 178, 3) if layout == "celeba" else (64, 64, 3) if augment else (32, 32, 3))
+            side = 64 if augment else 32
+            assert decoded.shape[1:] == ((218, 178, 3) if layout == "celeba" else (side, side, 3))
             flips = torch.tensor([flip for _, flip, _ in batch])
             want = dp.preprocess_batch(decoded, 32, 3, layout == "celeba",
                                        dp.draw_batch([place for _, _, place in batch]) if augment else None, flips)

@@ -68,8 +68,8 @@ def open_loader(cfg, dataset, ctx, device, start_step, reason, may_fall_back):
         sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
                                    cfg.steps, flip)
         loader = CachedLoader(cache, dataset, sampler, device)
-        return loader, sampler, "pil", (reason.format(workers=threads)
-                                        + f": {cache.seconds:.1f} s, {cache.seconds / len(dataset) * 1e3:.2f} ms an image")
+        timing = f": {cache.seconds:.1f} s, {cache.seconds / len(dataset) * 1e3:.2f} ms an image"
+        return loader, sampler, "pil", reason.format(workers=threads) + timing
     if cfg.loader == "dali":
         try:
             loader = DaliLoader(dataset, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step, cfg.steps,

@@ -14,7 +14,10 @@ How much memory it may take (options.resolve_data_cache): under --data-cache aut
 GPU_SHARE of the device's free memory (the rest is the model's, its activations' and the compiled
 step's), else at most HOST_SHARE of the host's available memory (MemAvailable in /proc/meminfo,
 shared among the processes of the node: each holds its own copy); an explicit choice may take all
-of it, and fails with the sizes where the images do not fit at all.
+of it, and fails with the sizes where the images do not fit at all. On CPUs auto does not cache:
+there the preprocessing would run between steps in the main process, where DataLoader workers run
+it beside the step (on 2 cores at 64 px, batch 32, width 0.25: 100 img/s with workers, 70 with a
+host cache).
 """
 import concurrent.futures
 import os

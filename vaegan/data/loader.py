@@ -61,7 +61,8 @@ class BatchPreprocess:
     (workers, the main process, the decoded cache)."""
 
     def __init__(self, image_size, channels, celeba, augment, dtype=torch.float32):
-        self.image_size, self.channels, self.celeba, self.augment, self.dtype = image_size, channels, celeba, augment, dtype
+        self.image_size, self.channels, self.celeba = image_size, channels, celeba
+        self.augment, self.dtype = augment, dtype
 
     @classmethod
     def of(cls, dataset, dtype=torch.float32):
