@@ -66,6 +66,7 @@ class TrainConfig:
     overlap_allreduce: bool = True
     loader: str = "auto"    # dali on CUDA for image files, pil elsewhere
     workers: int = None     # default: default_workers()
+    data_cache: str = "auto"  # gpu, host or none (auto: on CUDA where the decoded images fit; none on CPUs)
     out: str = None  # default: runs/MODEL-TIMESTAMP
     resume: str = None
     log_every: int = 10
@@ -91,7 +92,7 @@ class TrainConfig:
 
 
 # Options that may differ when a run is resumed; every other value comes from the checkpoint.
-RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "loader", "workers", "out", "resume", "log_every", "sample_every",
+RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "loader", "workers", "data_cache", "out", "resume", "log_every", "sample_every",
                        "checkpoint_every", "checkpoint_minutes", "keep_every", "compile", "cuda_graphs", "compile_backend", "memory_format",
                        "optimizer_impl", "overlap_allreduce")
 
@@ -229,6 +230,12 @@ def add_train_arguments(parser):
            "(default: auto: dali on CUDA for image files, pil elsewhere)")
     a("--workers", type=int, default=None,
       help="DataLoader worker processes for image files (default: the CPU cores this process may use, divided among the processes on the node, at most 16)")
+    a("--data-cache", choices=("auto", "gpu", "host", "none"), default=d.data_cache,
+      help="decode every image file once, at the start, into one uint8 tensor on the GPU (gpu) or in host memory "
+           "(host), and preprocess each step's batch from it on the device; none: decode each batch in the loader. "
+           "auto: on CUDA gpu where the decoded images take at most half the GPU's free memory, else host where "
+           "they take at most half the host's available memory, else none; none on CPUs and with an explicit "
+           "--loader. An explicit gpu or host that cannot hold them fails, with the sizes (default: auto)")
     a("--out", default=None, help="run directory (default: runs/MODEL-TIMESTAMP)")
     a("--resume", default=None, metavar="DIR", help="continue the run in DIR exactly where its checkpoint stopped")
     a("--log-every", type=positive_int("--log-every"), default=d.log_every, help="steps between metrics lines (default: 10)")

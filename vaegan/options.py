@@ -2,7 +2,8 @@
 
 `resolve(cfg, device, world_size, dataset)` is the one place a run's choices are made: the data's
 presets, the precision, the attributes a conditional model takes, the kernels, whether the step is
-compiled and captured in CUDA graphs, the memory format, the optimizers' implementation and the loader. What it returns holds no `auto` (it is config.json).
+compiled and captured in CUDA graphs, the memory format, the optimizers' implementation, the loader and
+the decoded-data cache. What it returns holds no `auto` (it is config.json).
 `CHECKS` is the table of option combinations (and of options with the machine and the data) that
 cannot run; `check` applies it, before anything is built (the rows that need no machine) and again
 on the resolved values. A choice asked for by name that this machine or data cannot provide (CUDA,
@@ -63,6 +64,12 @@ CHECKS = (
                   "use --kernels torch on the CPU"),
     (True, lambda c, m: c.loader == "dali" and m.data_in_memory,
      lambda c, m: "--loader dali: the built-in faces are held in memory; use --loader pil"),
+    (True, lambda c, m: c.data_cache == "gpu" and m.device_type != "cuda",
+     lambda c, m: "--data-cache gpu needs CUDA; this run is on the CPU (--data-cache host holds the images in "
+                  "host memory)"),
+    (False, lambda c, m: c.data_cache in ("gpu", "host") and c.loader == "dali",
+     lambda c, m: f"--data-cache {c.data_cache} decodes the images once with PIL and --loader dali decodes each "
+                  "batch: drop one of them"),
     (True, lambda c, m: c.augment == "authors" and m.data_in_memory,
      lambda c, m: "--augment authors augments image files before the crop; the built-in faces are held in memory, "
                   "already cropped and resized: use --augment flip, or pass --data DIR"),
@@ -151,6 +158,47 @@ def resolve_loader(choice, device, in_memory):
     return "dali", "GPU decoding" if device.type == "cuda" else "CPU operators"
 
 
+def resolve_data_cache(choice, device, dataset, augment, loader):
+    """("gpu" | "host" | "none", why), by vaegan/data/cache.py's shares of the free memory; an explicit
+    gpu or host that cannot hold the decoded images at all is an error giving the sizes."""
+    from .data import cache
+    if dataset is None:
+        return "none", "no image files"
+    if dataset.in_memory:
+        return "none", ("the built-in faces are held in memory already" if choice in ("auto", "none")
+                        else f"--data-cache {choice} requested, but the built-in faces are held in memory already")
+    if choice == "none":
+        return "none", "requested"
+    if choice == "auto" and loader != "auto":
+        return "none", f"default with --loader {loader}"
+    if choice == "auto" and device.type != "cuda":
+        return "none", ("default on CPUs: DataLoader workers decode and preprocess each batch, in parallel with "
+                        "the step")
+    needed = cache.decoded_bytes(dataset, augment)
+    height, width, channels = dataset.decoded_shape(augment)
+    size = f"{len(dataset)} images of {height}x{width}x{channels} take {cache.gigabytes(needed)}"
+    gpu_free = cache.free_device_bytes(device) if device.type == "cuda" else 0
+    host = cache.available_host_bytes()
+    gpu_text = f"{cache.gigabytes(gpu_free)} free on the GPU"
+    host_text = (f"{cache.gigabytes(host)} available in host memory" if host is not None
+                 else "host memory unknown (no /proc/meminfo)")
+    if choice == "gpu":
+        if needed > gpu_free:
+            raise ConfigError(f"--data-cache gpu: {size}, more than the {gpu_text}; use --data-cache host or none")
+        return "gpu", f"requested: {size} of {gpu_text}"
+    if choice == "host":
+        if host is not None and needed > host:
+            raise ConfigError(f"--data-cache host: {size}, more than the {host_text}; use --data-cache none")
+        return "host", f"requested: {size} of {host_text}"
+    if needed <= cache.GPU_SHARE * gpu_free:
+        return "gpu", f"auto: {size}, at most {cache.GPU_SHARE:.0%} of the {gpu_text}"
+    if host is not None and needed <= cache.HOST_SHARE * host:
+        return "host", f"auto: {size}, more than {cache.GPU_SHARE:.0%} of the {gpu_text}; at most " \
+                       f"{cache.HOST_SHARE:.0%} of the {host_text}"
+    return "none", f"auto: {size}, more than {cache.GPU_SHARE:.0%} of the {gpu_text} and than " \
+                   f"{cache.HOST_SHARE:.0%} of the {host_text}"
+
+
 def resolve_compile(cfg, device_type, world_size):
     """(compile, cuda_graphs, why): --compile and --cuda-graphs as given, else on with CUDA; CUDA graphs
     not with --sync-bn across processes (their NCCL all-reduces cannot be captured)."""
@@ -206,7 +254,13 @@ def resolve(cfg, device, world_size=1, dataset=None, resumed=False):
                                                                                  device.type)
     in_memory = bool(dataset is not None and dataset.in_memory)
     check(cfg, Machine(device.type, world_size, in_memory))  # before the loader's choice: --augment authors on faces
-    values["loader"], reasons["loader"] = resolve_loader(cfg.loader, device, in_memory)
+    values["data_cache"], reasons["data_cache"] = resolve_data_cache(cfg.data_cache, device, dataset,
+                                                                     cfg.augment == "authors", cfg.loader)
+    if values["data_cache"] != "none":
+        values["loader"], reasons["loader"] = "pil", (("requested" if cfg.loader == "pil" else "default")
+                                                        + ", decoding once into the cache with {workers} thread(s)")
+    else:
+        values["loader"], reasons["loader"] = resolve_loader(cfg.loader, device, in_memory)
     resolved = replace(cfg, **values)
     check(resolved, Machine(device.type, world_size, in_memory))
     return resolved, reasons

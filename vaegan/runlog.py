@@ -56,7 +56,8 @@ class RunLog:
                      "are used)" if unused else ""))
         augment = cfg.augment if cfg.flip or cfg.augment == "none" else cfg.augment + " without flips"
         self.line(f"vaegan: device {cfg.device}, precision {cfg.precision} ({why['precision']}), loader {cfg.loader} "
-                  f"({why['loader']}), augment {augment}, kernels {cfg.kernels} ({why['kernels']}), "
+                  f"({why['loader']}), data cache {cfg.data_cache} ({why['data_cache']}), "
+                  f"augment {augment}, kernels {cfg.kernels} ({why['kernels']}), "
                   f"{ctx.world_size} process(es) x batch {cfg.batch_size}, "
                   f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
         self.line(f"vaegan: step {run.train_step.mode.describe()} ({why['compile']}), optimizers {cfg.optimizer_impl} "

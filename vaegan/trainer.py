@@ -13,6 +13,7 @@ import torch
 from . import checkpoint, distributed, options
 from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
 from .data import DataError, StepBatchSampler, build_dataset, make_loader
+from .data.cache import CachedLoader, DecodedCache
 from .data.dali import DaliLoader
 from .gradients import STEP_STATS, UpdateConfig
 from .images import SampleGrids
@@ -58,9 +59,18 @@ def build_step(cfg, device, ctx=None, attribute_columns=None, stop=None):
 
 def open_loader(cfg, dataset, ctx, device, start_step, reason, may_fall_back):
     """(loader, its sampler, "pil" | "dali", description). A DALI pipeline that cannot be built gives
-    way to the PIL loader when `may_fall_back` (--loader auto chose it), with the reason."""
+    way to the PIL loader when `may_fall_back` (--loader auto chose it), with the reason. With
+    --data-cache gpu|host the files are decoded here, once (the progress bar on the main process)."""
     flip = cfg.flip and cfg.augment != "none"
     dataset.augment = cfg.augment == "authors"
+    if cfg.data_cache in ("gpu", "host"):
+        threads = max(1, cfg.workers)
+        cache = DecodedCache.decode(dataset, cfg.data_cache, device, threads, progress=ctx.is_main)
+        sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
+                                   cfg.steps, flip)
+        loader = CachedLoader(cache, dataset, sampler, device)
+        timing = f": {cache.seconds:.1f} s, {cache.seconds / len(dataset) * 1e3:.2f} ms an image"
+        return loader, sampler, "pil", reason.format(workers=threads) + timing
     if cfg.loader == "dali":
         try:
             loader = DaliLoader(dataset, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step, cfg.steps,
@@ -73,7 +83,7 @@ def open_loader(cfg, dataset, ctx, device, start_step, reason, may_fall_back):
             reason = f"default, as the DALI pipeline could not be built ({message}); {{workers}} workers"
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, start_step,
                                cfg.steps, flip)
-    loader = make_loader(dataset, sampler, cfg.workers, pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, sampler, cfg.workers, pin_memory=device.type == "cuda", device=device)
     return loader, sampler, "pil", reason.format(workers=loader.num_workers)
 
 

@@ -12,13 +12,24 @@ from PIL import Image, ImageFile
 
 from ..models import check_image_size
 from .augment import draw as draw_augmentation
-from .preprocess import preprocess
+from .preprocess import CELEBA_SIZE, lowpass_resize, preprocess, to_mode
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half an image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 BUILTIN = "builtin:faces"
 CELEBA_IMAGES, CELEBA_PARTITION, CELEBA_ATTRIBUTES = "img_align_celeba", "list_eval_partition.txt", "list_attr_celeba.txt"
 SPLITS = ("train", "test")
+UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def decoded_side(image_size, augment):
+    """The side a folder's images are decoded at (their centred square, low-passed and resized with the
+    authors' order-3 spline): the run's size itself without augmentation, so that the device has
+    nothing left but the flip (the per-image path's grey levels exactly); twice it with the authors'
+    augmentation, whose warp and colour then work at twice the output's resolution before the final
+    blur and resize. Either differs slightly from the per-image path, which warps the whole image
+    and resizes its square once (vaegan/data/device_preprocess.py)."""
+    return image_size * 2 if augment else image_size
 
 
 class DataError(Exception):
@@ -84,19 +95,49 @@ class ImageFiles(torch.utils.data.Dataset):
         with Image.open(path) as image:
             return preprocess(image, self.image_size, self.channels, self.celeba, augmentation)
 
-    def __getitem__(self, item):
-        index, flip = item[:2]
-        augmentation = draw_augmentation(*item[2]) if self.augment and len(item) > 2 else None
+    def decoded_shape(self, augment=None):
+        """(H, W, C) of decode's arrays: CelebA's whole 218x178, or a folder's square at decoded_side."""
+        if self.celeba:
+            return CELEBA_SIZE[1], CELEBA_SIZE[0], self.channels
+        side = decoded_side(self.image_size, self.augment if augment is None else augment)
+        return side, side, self.channels
+
+    def decode(self, index):
+        """uint8 (H, W, C) as decoded_shape says: the input of device_preprocess.preprocess_batch."""
+        with Image.open(self.paths[index]) as image:
+            image = to_mode(image, self.channels)
+            if self.celeba and image.size != CELEBA_SIZE:
+                raise ValueError(f"is {image.size[0]}x{image.size[1]}, not the {CELEBA_SIZE[0]}x{CELEBA_SIZE[1]} "
+                                 "of aligned CelebA")
+            array = np.array(image, dtype=np.uint8).reshape(image.size[1], image.size[0], self.channels)
+        if self.celeba:
+            return array
+        height, width = array.shape[:2]
+        side = min(width, height)
+        left, upper = (width - side) // 2, (height - side) // 2
+        square = array[upper:upper + side, left:left + side]
+        wanted = self.decoded_shape()[0]
+        return np.ascontiguousarray(square) if side == wanted else lowpass_resize(square, wanted)
+
+    def first_readable(self, index, read):
+        """(read(candidate), candidate, unreadable): the file at `index`, or the next readable one in
+        order in its place, with the paths (and errors) of those skipped."""
         unreadable = []
         for offset in range(len(self.paths)):
             candidate = (index + offset) % len(self.paths)
             try:
-                array = self.load(candidate, augmentation)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                return read(candidate), candidate, tuple(unreadable)
+            except UNREADABLE_ERRORS as e:
                 unreadable.append(f"{self.paths[candidate]} ({e})")
-                continue
-            return to_tensor(array, flip), self.attributes[candidate], tuple(unreadable)
         raise DataError(f"{self.name}: no image could be read (first failure: {unreadable[0]})")
+
+    def __getitem__(self, item):
+        """The per-image CPU path (preprocess.preprocess), for the sample grids and as the reference the
+        batched path is tested against; the loaders decode (`decode`) and preprocess batches."""
+        index, flip = item[:2]
+        augmentation = draw_augmentation(*item[2]) if self.augment and len(item) > 2 else None
+        array, candidate, unreadable = self.first_readable(index, lambda i: self.load(i, augmentation))
+        return to_tensor(array, flip), self.attributes[candidate], unreadable
 
 
 def find_images(root):
