@@ -27,7 +27,10 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]
+# run as a script, bench/ is sys.path[0]; the repository (vaegan, kernels) goes last, if missing
+for _path in (HERE, os.path.dirname(HERE)):
+    if _path not in sys.path:
+        sys.path.append(_path)
 
 import torch  # noqa: E402
 

@@ -78,8 +78,7 @@ def measure(mode, batch, benchmark=None):
     clock = StepClock(step, STEPS)
     if benchmark is not None:
         benchmark.pedantic(clock, rounds=1, iterations=STEPS, warmup_rounds=0)
-    else:
-        clock.run()
+    clock.run()  # (the remaining steps, if any: --benchmark-disable calls the target once)
     seconds = clock.seconds_per_step
     memory = memory_peaks()
     compiled = {name: value - before[name] for name, value in compile_counters().items()}

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+# bench/ only while importing: its test_*.py share names with tests/'s, which pytest imports by name
 sys.path.insert(0, BENCH)
-
-import profile_step  # noqa: E402
-import timing  # noqa: E402
+try:
+    import profile_step
+    import timing
+finally:
+    sys.path.remove(BENCH)
 
 
 def test_step_clock_times_the_steps_as_one_stretch():
