@@ -63,8 +63,8 @@ def step_config(mode, batch, kernels=None, width=WIDTH):
     if kernels is not None:
         settings["kernels"] = kernels
     cfg = TrainConfig(data="generated", image_size=SIZE, channels=CHANNELS, latent_size=LATENT, fc_width=FC,
-                      width=width, batch_size=batch, steps=1, gamma=GAMMA, lr_schedule="constant", augment="none", device=DEVICE,
-                      out="unused", optimizer_impl="foreach", compile_backend="inductor" if CUDA else "aot_eager",
+                      width=width, batch_size=batch, steps=1, gamma=GAMMA, lr_schedule="constant", augment="none",
+                      device=DEVICE, out="unused", optimizer_impl="foreach", compile_backend="inductor" if CUDA else "aot_eager",
                       **settings)
     cfg, _ = options.resolve(cfg, torch.device(DEVICE))
     return cfg

@@ -181,7 +181,8 @@ def markdown(report):
              f"`{env['command']}`.", "",
              f"Each variant timed over {report['steps']} steps "
              + ("between two CUDA events" if CUDA else "by the wall clock")
-             + f" after {report['warmup']} warm-up steps (one synchronisation at the end), then {report['profile_steps']} steps profiled "
+             + f" after {report['warmup']} warm-up steps (one synchronisation at the end), "
+             f"then {report['profile_steps']} steps profiled "
              "(torch.profiler). `fair` is eager bf16, channels-last, foreach RMSprop; `fastest` adds torch.compile "
              "with CUDA graphs. `+triton`: the fused losses; `+torch`: the reference losses.", ""]
     if not CUDA:
@@ -231,7 +232,8 @@ def parse(argv):
     parser.add_argument("--warmup", type=int, default=15 if CUDA else 2)
     parser.add_argument("--profile-steps", type=int, default=5 if CUDA else 1)
     parser.add_argument("--top", type=int, default=25, help="kernels listed per variant")
-    parser.add_argument("--width", type=float, default=baseline.WIDTH, help="channel-width multiplier")
+    parser.add_argument("--width", type=float, default=baseline.WIDTH if CUDA else 0.25,
+                        help="channel-width multiplier (default: the paper's on CUDA, a quarter on a CPU)")
     return parser.parse_args(argv)
 
 
