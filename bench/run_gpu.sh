@@ -3,14 +3,17 @@
 #
 #   bash bench/run_gpu.sh preflight tests          # one call (kerneltests: tests/test_kernels.py alone)
 #   bash bench/run_gpu.sh kernels loaders          # the next
-#   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each)
+#   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each):
+#                                                  # port, fair, eager, fastest, event-timed (bench/test_step.py)
+#   bash bench/run_gpu.sh profile                  # kernel tables at batch 64 and 512 (PROFILE_BATCHES=64: one)
 #   bash bench/run_gpu.sh train                    # 300 real steps, fastest configuration
 #   bash bench/run_gpu.sh precision                # held-out learning curves: fastest vs eager fp32 (and the VAE)
 #   bash bench/run_gpu.sh loop                     # the whole loop against the bare step (bench/test_loop.py)
 #   bash bench/run_gpu.sh all                      # every stage in order (on a node without a time limit)
 #
 # Every stage runs under `timeout $STAGE_SECONDS` (540 by default) and writes its own file,
-# gpu-DATE-DEVICE-STAGE.txt (+ .json for benchmarks, .json and .md for precision), under $OUT
+# gpu-DATE-DEVICE-STAGE.txt (+ .json for benchmarks, .json and .md for precision, -bBATCH.md and
+# .json per batch for profile), under $OUT
 # (the device tool's folder) or bench/results/, headed by the device, the versions, the date and
 # the command: commit them.
 # Compiled code is cached in .cache/ (ignored by git) so later stages on the same machine reuse it.
@@ -93,7 +96,7 @@ tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 to
 bench() {  # $1: stage name (for the json), the rest: pytest arguments
   local stage=$1; shift
   python3 -m pytest -q -p no:logging -p no:cacheprovider "$@" \
-    --benchmark-json="$out/gpu-$stamp-$device-$stage.json" --benchmark-columns=median,rounds
+    --benchmark-json="$out/gpu-$stamp-$device-$stage.json" --benchmark-columns=median,rounds,iterations
 }
 
 train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs, the fastest configuration
@@ -128,8 +131,8 @@ precision() {  # the fast path learns what the reference path learns: the same s
 export -f preflight kerneltests tests bench train precision
 export out stamp device cores limit
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n 2,18p "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 train precision loop)
+[ ${#stages[@]} -eq 0 ] && { sed -n 2,21p "$0"; exit 2; }
+[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 profile train precision loop)
 for stage in "${stages[@]}"; do
   case $stage in
     preflight) run_stage preflight preflight ;;
@@ -138,9 +141,11 @@ for stage in "${stages[@]}"; do
     kernels) run_stage kernels bench kernels bench/test_kernels.py ;;
     loaders) run_stage loaders bench loaders bench/test_loaders.py ;;
     step64|step256|step512) VAEGAN_BENCH_BATCHES=${stage#step} run_stage "$stage" bench "$stage" bench/test_step.py ;;
+    profile) run_stage profile python3 bench/profile_step.py --batches "${PROFILE_BATCHES:-64,512}" --out "$out" \
+      --prefix "gpu-$stamp-$device-profile" ;;
     train) run_stage train train ;;
     precision) run_stage precision precision ;;
     loop) run_stage loop bench loop bench/test_loop.py -s ;;
-    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 train precision loop all)"; exit 2 ;;
+    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 profile train precision loop all)"; exit 2 ;;
   esac
 done

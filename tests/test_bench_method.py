@@ -1,0 +1,96 @@
+"""The step benchmark's method on a CPU: the step clock (bench/timing.py), the profile's kernel
+groups and a smoke run of bench/profile_step.py at tiny sizes."""
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+# bench/ only while importing: its test_*.py share names with tests/'s, which pytest imports by name
+sys.path.insert(0, BENCH)
+try:
+    import profile_step
+    import timing
+finally:
+    sys.path.remove(BENCH)
+
+
+def test_step_clock_times_the_steps_as_one_stretch():
+    calls = []
+
+    def fn():
+        calls.append(time.perf_counter())
+        time.sleep(0.01)
+    clock = timing.StepClock(fn, 5)
+    with pytest.raises(RuntimeError):
+        clock.seconds_per_step  # noqa: B018 (not timed yet)
+    for _ in range(7):  # pytest-benchmark's pedantic calls its target once more, for the result
+        clock()
+    assert len(calls) == 5
+    assert 0.01 <= clock.seconds_per_step < 0.05
+    assert clock.seconds >= calls[-1] - calls[0] + 0.01
+
+
+def test_event_seconds_warms_up_then_times():
+    calls = []
+    seconds = timing.event_seconds(lambda: calls.append(1), steps=4, warmup=3)
+    assert len(calls) == 7 and 0 <= seconds < 0.01
+
+
+def test_reachable_flops_is_a_rate():
+    peak = timing.reachable_flops(n=64, dtype=torch.float32, steps=2)
+    assert peak["flops_per_s"] > 0 and peak["n"] == 64 and peak["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("name,launcher,group", [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", None, "convolution"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "aten::cudnn_convolution", "convolution"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "aten::mm", "matmul / GEMM"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", None, "matmul / GEMM"),
+    ("triton_red_fused__native_batch_norm_legit_functional_convolution_backward_3", None,
+     "elementwise / fused Triton"),
+    ("triton_for_fused_7", None, "optimizer"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>", None, "optimizer"),
+    ("_gan_loss_forward", None, "fused losses (kernels/)"),
+    ("void cudnn::bn_fw_tr_1C11_kernel_NCHW<__nv_bfloat16, float, 512, true, 1>", None, "normalisation"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor<...>>", None,
+     "elementwise / fused Triton"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::direct_copy_kernel_cuda<...>>", None,
+     "copies / other"),
+    ("Memcpy DtoD (Device -> Device)", None, "copies / other"),
+    ("aten::convolution_backward", None, "convolution"),
+    ("aten::mm", None, "matmul / GEMM"),
+    ("aten::native_batch_norm_backward", None, "normalisation"),
+    ("some_unknown_kernel", None, "copies / other"),
+])
+def test_kernel_groups(name, launcher, group):
+    assert profile_step.kernel_group(name, launcher) == group
+
+
+def test_profile_step_runs_at_tiny_sizes(tmp_path):
+    """The script's main, as bench/run_gpu.sh's profile stage runs it, at tiny sizes: the compiled
+    fastest step and the fair eager step with the reference losses (one thread: on a shared
+    2-core machine, 2 threads spin against each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reports = profile_step.main(["--batches", "2", "--width", "0.25", "--modes", "fastest,fair",
+                                     "--kernels", "torch", "--steps", "1", "--warmup", "2", "--profile-steps", "1",
+                                     "--out", str(tmp_path), "--prefix", "smoke"])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "smoke-b2.json").read_text())
+    assert set(report["variants"]) == set(reports[2]["variants"]) == {"fastest+torch", "fair+torch"}
+    for name, variant in report["variants"].items():
+        assert variant["img_per_s"] > 0 and variant["parameters_finite"] and not variant["fell_back"], name
+        groups = variant["profile"]["groups"]
+        assert set(groups) == set(profile_step.GROUPS)
+        assert sum(g["share"] for g in groups.values()) == pytest.approx(1.0)
+        assert groups["convolution"]["us_per_step"] > 0
+        assert variant["profile"]["top"] and variant["profile"]["top"][0]["us_per_step"] > 0
+    assert report["variants"]["fastest+torch"]["compile"] and report["variants"]["fastest+torch"]["unique_graphs"] > 0
+    text = (tmp_path / "smoke-b2.md").read_text()
+    assert "by group" in text and "fastest+torch" in text and "fair+torch" in text
