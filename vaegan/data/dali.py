@@ -1,37 +1,48 @@
-"""NVIDIA DALI loader: JPEG/PNG decoding (nvJPEG on the GPU), crop, low-pass, resize and flip.
+"""NVIDIA DALI loader: DALI decodes (nvJPEG on the GPU), the shared batched preprocessing does the rest.
 
-The order is the one the PIL loader uses (vaegan/data/loader.py): the same StepBatchSampler
-says which files rank r reads at step s. The pipeline is built once per run and fed by an
-external source that follows the sampler: each batch's encoded files (read on the host) and
-labels carrying each file's data-set index and flip bit, so attributes and flips travel with it.
-Nothing is rebuilt at an epoch boundary (nvJPEG's state and DALI's memory pools live as long as
-the loader).
+The order is the one the PIL loader uses (vaegan/data/loader.py): the same StepBatchSampler says
+which files rank r reads at step s. The pipeline is built once per run. Its input is a parallel
+external source: DALI's Python worker processes call _Samples for each sample of each iteration,
+and it takes slot j of iteration i from the sampler's batch at step start + i (so a resumed run
+continues exactly), reads that file's bytes, and returns them with the image's data-set index, its
+flip bit and, with --augment authors, its augmentation drawn from (seed, step, slot) (augment.draw,
+as device_preprocess.draw_batch draws it). Nothing is done per image on the thread that launches the
+training step: it receives the decoded batch and these values as arrays.
+
+DALI only decodes: CelebA's whole 178x218 image; a folder's centred square at datasets.decoded_side
+(the side ImageFiles.decode gives the PIL loader and the cache), cut, low-passed and resized in DALI
+because a folder's images may differ in size and a batch must be one size. The uint8 (B, H, W, 3)
+batch then goes through device_preprocess.preprocess_batch on the training device, the function
+the PIL loader and the decoded cache use: the authors' augmentation, crop, low-pass, resize, grey
+conversion and flip are one implementation for every loader.
 
 Last batch: only full global batches are used in an epoch; the images left over (fewer than one
-global batch) differ every epoch and are counted in the start-up line. Resume is exact, to the
-step within the epoch. A file DALI cannot decode stops the run with an error naming it
-(the PIL loader instead skips and counts such files).
+global batch) differ every epoch and are counted in the start-up line. A file DALI cannot decode,
+or a CelebA file of another size, stops the run with an error naming it (the PIL loader instead
+skips and counts such files).
 
-On CUDA the batch is copied into PyTorch memory on PyTorch's current stream, so the copy is
-ordered with the training step's kernels (as DALI's own PyTorch iterator does). With device
-"cpu" the pipeline runs on DALI's CPU operators (device_id=None): that is how the tests
-exercise it on machines without a GPU.
+On CUDA the decoded batch is copied into PyTorch memory on PyTorch's current stream, so the copy
+is ordered with the preprocessing and the training step's kernels (as DALI's own PyTorch iterator
+does). With device "cpu" the pipeline runs on DALI's CPU operators (device_id=None): that is how
+the tests exercise it on machines without a GPU.
 """
-import collections
-import io
+import os
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import augment
-from .datasets import DataError
+from .datasets import DataError, decoded_side
+from .device_preprocess import AUGMENTATION_FIELDS, preprocess_batch
 from .loader import StepBatchSampler
-from .preprocess import CELEBA_CROP, CELEBA_SIZE, lowpass_sigma
+from .preprocess import CELEBA_SIZE
 
 DALI_THREADS = 4
+PY_WORKERS = 4  # DALI's Python worker processes (file reads and augmentation draws), at most one per core
 PREFETCH = 2
-NO_BLUR_SIGMA = 0.01  # a 3-tap kernel of weights ~(0, 1, 0): the identity, for images not shrunk
+NO_BLUR_SIGMA = 0.01  # a 3-tap kernel of weights ~(0, 1, 0): the identity, for squares not shrunk
+DRAWN = 7  # translation (rows, columns), scale, rotation, gamma, contrast, hue
 
 
 def dali_unavailable_reason():
@@ -42,131 +53,95 @@ def dali_unavailable_reason():
     return None
 
 
-class _EncodedBatches:
-    """The pipeline's input: for each step of the sampler, this rank's files read as bytes, and
-    labels 2 * index + flip. Remembers the files of the batches in flight, to name a bad one."""
-
-    def __init__(self, dataset, sampler):
-        self.dataset, self.sampler = dataset, sampler
-        self.in_flight = collections.deque(maxlen=PREFETCH + 2)
-
-    def __iter__(self):
-        for batch in self.sampler:
-            paths = [self.dataset.paths[index] for index, *_ in batch]
-            self.in_flight.append(paths)
-            encoded = [np.fromfile(path, dtype=np.uint8) for path in paths]
-            labels = np.array([2 * index + int(flip) for index, flip, *_ in batch], dtype=np.int32)
-            if not self.dataset.augment:
-                yield encoded, labels
-                continue
-            drawn = [augment.draw(*place) for _, _, place in batch]
-            matrices = [augment.pixel_span_matrix(a, self._shape(data)) for a, data in zip(drawn, encoded)]
-            yield (encoded, labels, matrices, *([np.float32(getattr(a, name)) for a in drawn]
-                                                for name in augmentation_inputs(self.dataset.channels)))
-
-    def _shape(self, encoded):
-        """(height, width): CelebA's, or read from the header of the bytes already in hand."""
-        if not self.dataset.celeba:
-            try:
-                with Image.open(io.BytesIO(encoded)) as image:
-                    return image.size[1], image.size[0]
-            except Exception:  # DALI's decoder names the bad file when it meets it
-                pass
-        return CELEBA_SIZE[1], CELEBA_SIZE[0]
+def drawn_values(place):
+    """float64 (7,): augment.draw(*place) in the order unpack_drawn reads."""
+    a = augment.draw(*place)
+    return np.array([*a.translation, a.scale, a.rotation, a.gamma, a.contrast, a.hue], dtype=np.float64)
 
 
-def augmentation_inputs(channels):
-    """The drawn values the pipeline takes besides the warp (grey images have no hue)."""
-    return ("gamma", "contrast", "hue") if channels == 3 else ("gamma", "contrast")
+def unpack_drawn(drawn):
+    """float64 (B, 7) -> device_preprocess.draw_batch's dictionary (the same float64 values)."""
+    drawn = torch.from_numpy(np.ascontiguousarray(drawn, dtype=np.float64))
+    columns = {"translation": drawn[:, 0:2]}
+    columns.update({name: drawn[:, 2 + k] for k, name in enumerate(AUGMENTATION_FIELDS[1:])})
+    return {name: columns[name].contiguous() for name in AUGMENTATION_FIELDS}
 
 
+class _Samples:
+    """The parallel external source's callback, run in DALI's Python workers (picklable: the file
+    paths, the sampler and a flag). Sample j of iteration i: slot j of the sampler's batch at step
+    start + i, as (encoded bytes, int64 [index, flip][, float64 drawn_values]). The epoch's order and
+    the step's batch are cached in each worker (a value of the arguments only, so any worker may
+    serve any sample)."""
+
+    def __init__(self, paths, sampler, augment):
+        self.paths, self.sampler, self.augment = paths, sampler, augment
+        self._epoch = self._step = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_epoch=None, _step=None)
+        return state
+
+    def batch(self, step):
+        if self._step is None or self._step[0] != step:
+            epoch = step // self.sampler.steps_per_epoch
+            if self._epoch is None or self._epoch[0] != epoch:
+                self._epoch = (epoch, self.sampler.epoch_order(epoch))
+            self._step = (step, self.sampler.batch_at(step, self._epoch[1]))
+        return self._step[1]
+
+    def __call__(self, info):
+        step = self.sampler.start_step + info.iteration
+        if step >= self.sampler.end_step:
+            raise StopIteration
+        index, flip, place = self.batch(step)[info.idx_in_batch]
+        sample = (np.fromfile(self.paths[index], dtype=np.uint8), np.array([index, int(flip)], dtype=np.int64))
+        return (*sample, drawn_values(place)) if self.augment else sample
 
 
-def _authors_colour(images, gamma, contrast, channels, hue=None):
-    """vaegan/data/augment.py's colour changes in DALI arithmetic, on float images in [0, 1]: a
-    gamma, then a power of HSV's saturation and value and a hue shift, written as the
-    HSV -> RGB formula channel = V - V * S * clamp(min(k, 4 - k), 0, 1), k = (n + 6 * hue) mod 6
-    with n = 5, 3, 1 for red, green, blue (exact, with no table of sextants)."""
+def _folder_square(images, encoded, side):
+    """A folder's centred square at `side`, as ImageFiles.decode cuts it (integer anchors) and, where its
+    size differs, low-passes it when shrinking and resizes it (DALI's cubic convolution: the PIL path's
+    order-3 spline to within a few grey levels, a test), clipped to its range and truncated to uint8."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dali_math
 
-    images = dali_math.pow(images, gamma)
-    if channels == 1:
-        return dali_math.pow(images, contrast)
-    red, green, blue = images[:, :, 0:1], images[:, :, 1:2], images[:, :, 2:3]
-    value = fn.reductions.max(images, axis_names="C", keep_dims=True)
-    chroma = value - fn.reductions.min(images, axis_names="C", keep_dims=True)
-    safe_chroma = dali_math.max(chroma, 1e-12)
-    red_max = fn.cast(red >= value, dtype=types.FLOAT)
-    green_max = fn.cast(green >= value, dtype=types.FLOAT) * (1.0 - red_max)
-    blue_max = 1.0 - red_max - green_max
-    hue6 = (red_max * (green - blue) / safe_chroma + green_max * (2.0 + (blue - red) / safe_chroma)
-            + blue_max * (4.0 + (red - green) / safe_chroma) + 6.0 * hue)
-    saturation = dali_math.pow(chroma / dali_math.max(value, 1e-12), contrast)
-    value = dali_math.pow(value, contrast)
-
-    def channel(n):
-        k = n + hue6
-        k = k - 6.0 * dali_math.floor(k / 6.0)
-        return value - value * saturation * dali_math.clamp(dali_math.min(k, 4.0 - k), 0.0, 1.0)
-    return fn.cat(channel(5.0), channel(3.0), channel(1.0), axis=2)
+    shape = fn.peek_image_shape(encoded)  # (H, W, C)
+    height, width = shape[0], shape[1]
+    square = dali_math.min(height, width)
+    anchor = fn.stack((height - square) // 2, (width - square) // 2)
+    images = fn.slice(images, anchor, fn.stack(square, square), axis_names="HW")
+    source = fn.cast(square, dtype=types.FLOAT)
+    shrinking = fn.cast(source > side, dtype=types.FLOAT)
+    sigma = shrinking * dali_math.sqrt(source / side) / 2.0 + (1.0 - shrinking) * NO_BLUR_SIGMA
+    images = fn.gaussian_blur(images, sigma=sigma, dtype=types.FLOAT)
+    low, high = fn.reductions.min(images), fn.reductions.max(images)
+    # a square already at `side` is resized onto itself: cubic convolution's weights at whole pixels
+    # are (0, 1, 0, 0), so it is unchanged, as decode leaves it
+    images = fn.resize(images, size=(side, side), interp_type=types.INTERP_CUBIC, antialias=False,
+                       dtype=types.FLOAT)
+    images = dali_math.floor(dali_math.max(dali_math.min(images, high), low))
+    return fn.cast(images, dtype=types.UINT8)
 
 
-def _build_pipeline(source, dataset, batch_size, device, device_id):
+def _build_pipeline(source, dataset, batch_size, device, device_id, py_start_method):
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali import math as dali_math
 
-    size, channels = dataset.image_size, dataset.channels
-    decoder_device, op_device = ("mixed", "gpu") if device == "cuda" else ("cpu", "cpu")
+    decoder_device = "mixed" if device == "cuda" else "cpu"
+    outputs = 3 if dataset.augment else 2
 
     @pipeline_def(batch_size=batch_size, num_threads=DALI_THREADS, device_id=device_id,
-                  prefetch_queue_depth=PREFETCH)
+                  prefetch_queue_depth=PREFETCH, py_num_workers=min(PY_WORKERS, os.cpu_count() or 1),
+                  py_start_method=py_start_method)
     def pipeline():
-        if dataset.augment:
-            names = augmentation_inputs(channels)
-            encoded, label, matrix, *drawn = fn.external_source(
-                source=source, num_outputs=3 + len(names), batch=True,
-                dtype=[types.UINT8, types.INT32] + [types.FLOAT] * (1 + len(names)))
-            drawn = dict(zip(names, drawn))
-        else:
-            encoded, label = fn.external_source(source=source, num_outputs=2, batch=True,
-                                                dtype=[types.UINT8, types.INT32])
-        images = fn.decoders.image(encoded, device=decoder_device,
-                                   output_type=types.GRAY if channels == 1 else types.RGB)
-        if dataset.augment:  # the authors' augmentation, on the whole image (vaegan/data/augment.py)
-            # DALI's warp interpolates linearly (scikit-image's order-3 spline in the PIL loader; the
-            # blur and the resize that follow leave less than a grey level of difference: a test)
-            images = fn.warp_affine(images, matrix=matrix, inverse_map=True, interp_type=types.INTERP_LINEAR,
-                                    dtype=types.FLOAT, device=op_device)
-            images = _authors_colour(dali_math.clamp(images / 255.0, 0.0, 1.0), channels=channels, **drawn)
-            images = images * 255.0
-        if dataset.celeba:
-            left, upper, right, _ = CELEBA_CROP
-            side = right - left
-            # crop_pos is the anchor as a fraction of the free space: 15/30, 40/70 for CelebA
-            images = fn.crop(images, crop=(side, side), crop_pos_x=left / (CELEBA_SIZE[0] - side),
-                             crop_pos_y=upper / (CELEBA_SIZE[1] - side), device=op_device)
-            images = fn.gaussian_blur(images, sigma=lowpass_sigma(side / size), device=op_device)
-        else:  # the centred square, low-passed only when shrinking (as the PIL path does)
-            shape = fn.peek_image_shape(encoded)  # (H, W, C)
-            height, width = shape[0], shape[1]
-            side_int = dali_math.min(height, width)
-            # integer anchors, as the PIL path takes them (a fractional crop_pos would round differently)
-            anchor = fn.stack((height - side_int) // 2, (width - side_int) // 2)
-            images = fn.slice(images, anchor, fn.stack(side_int, side_int), axis_names="HW", device=op_device)
-            side = fn.cast(side_int, dtype=types.FLOAT)
-            shrinking = fn.cast(side > size, dtype=types.FLOAT)
-            sigma = shrinking * dali_math.sqrt(side / size) / 2.0 + (1.0 - shrinking) * NO_BLUR_SIGMA
-            images = fn.gaussian_blur(images, sigma=sigma, device=op_device)
-        # the authors' order-3 resize without anti-aliasing (the blur is the anti-aliasing); DALI's cubic
-        # is a cubic convolution, not scikit-image's spline: a test holds the two together
-        images = fn.resize(images, size=(size, size), interp_type=types.INTERP_CUBIC, antialias=False,
-                           device=op_device)
-        if dataset.augment:  # float from the augmentation on: truncated to grey levels, as the PIL loader does
-            images = dali_math.floor(dali_math.clamp(images, 0.0, 255.0))
-        images = fn.crop_mirror_normalize(images, mirror=label % 2, mean=[127.5], std=[127.5],
-                                          output_layout="CHW", dtype=types.FLOAT, device=op_device)
-        return images, label
+        encoded, *values = fn.external_source(source=source, num_outputs=outputs, batch=False, parallel=True,
+                                              dtype=[types.UINT8, types.INT64, types.FLOAT64][:outputs])
+        # RGB always: preprocess_batch converts to grey with PIL's formula, as the PIL loader does
+        images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
+        if not dataset.celeba:
+            images = _folder_square(images, encoded, decoded_side(dataset.image_size, dataset.augment))
+        return (images, *values)
 
     pipe = pipeline()
     pipe.build()
@@ -177,10 +152,13 @@ class DaliLoader:
     """Iterates (images, attributes, unreadable=[]) for steps start..end-1, like the PIL loader.
 
     The pipeline is built here, once: a loader that cannot be built fails at construction (so
-    --loader auto can fall back to PIL before training starts). Iterate it once."""
+    --loader auto can fall back to PIL before training starts). Iterate it once: the pipeline and
+    its worker processes are shut down when the iteration ends (or fails, or is closed), or by close().
+    py_start_method: how DALI starts its Python workers; by default "spawn" on CUDA (forking a process
+    that holds a CUDA context is unsupported) and "fork" on the CPU."""
 
     def __init__(self, dataset, batch_size, rank, world_size, seed, start_step, end_step, flip=True,
-                 device="cpu", device_id=None):
+                 device="cpu", device_id=None, py_start_method=None):
         reason = dali_unavailable_reason()
         if reason:
             raise DataError(f"--loader dali: {reason}")
@@ -193,35 +171,68 @@ class DaliLoader:
         self.sampler = StepBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step, end_step, flip)
         self.num_workers = DALI_THREADS
         self.unused_per_epoch = len(dataset) - self.sampler.steps_per_epoch * self.sampler.global_batch
-        self.source = _EncodedBatches(dataset, self.sampler)
-        self.pipe = _build_pipeline(self.source, dataset, batch_size, device, device_id)
+        self.source = _Samples(list(dataset.paths), self.sampler, dataset.augment)
+        start_method = py_start_method or ("spawn" if device == "cuda" else "fork")
+        self.pipe = _build_pipeline(self.source, dataset, batch_size, device, device_id, start_method)
         self.target_device = torch.device("cuda", device_id) if device == "cuda" else torch.device("cpu")
 
     def __len__(self):
         return len(self.sampler)
 
     def __iter__(self):
-        for _ in range(len(self.sampler)):
-            try:
-                images, label = self.pipe.run()
-            except RuntimeError as e:
-                # the failure may come from a prefetched batch: look at every batch in flight
-                raise DataError(self._explain([p for paths in self.source.in_flight for p in paths], e)) from None
-            yield self._to_torch(images, label)
+        try:
+            for i in range(len(self.sampler)):
+                try:
+                    outputs = self.pipe.run()
+                except Exception as e:
+                    # the failure may come from a prefetched batch: look at every batch in flight
+                    raise DataError(self._explain(self._paths_in_flight(i), e)) from None
+                yield self._to_torch(i, *outputs)
+        finally:
+            self.close()
 
-    def _to_torch(self, images, label):
+    def close(self):
+        """Stop the pipeline and its Python workers (idempotent)."""
+        pipe, self.pipe = getattr(self, "pipe", None), None
+        if pipe is None:
+            return
+        pool = getattr(pipe, "_py_pool", None)
+        pipe._shutdown()
+        if pool is not None:
+            pool.close()
+
+    def _to_torch(self, i, images, labels, drawn=None):
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        if self.dataset.celeba and not images.is_dense_tensor():
+            self._wrong_size(i, images)
         images = images.as_tensor()
-        target = torch.empty(images.shape(), dtype=torch.float32, device=self.target_device)
+        target = torch.empty(images.shape(), dtype=torch.uint8, device=self.target_device)
         # on CUDA, DALI's copy is queued on PyTorch's current stream: ordered with the step's kernels
         stream = torch.cuda.current_stream(self.target_device) if self.device == "cuda" else None
         feed_ndarray(images, target, cuda_stream=stream)
-        indices = torch.from_numpy(np.array(label.as_tensor()).reshape(-1).astype(np.int64)) // 2
-        attributes = self.dataset.attributes[indices]
+        labels = torch.from_numpy(np.array(labels.as_tensor()))
+        augmentations = unpack_drawn(np.array(drawn.as_tensor())) if drawn is not None else None
+        d = self.dataset
+        batch = preprocess_batch(target, d.image_size, d.channels, d.celeba, augmentations, labels[:, 1].bool())
+        attributes = d.attributes[labels[:, 0]]
         if self.device == "cuda":  # pinned, so that the loop's non_blocking copy does not wait
             attributes = attributes.pin_memory()
-        return target, attributes, []
+        return batch, attributes, []
+
+    def _wrong_size(self, i, images):
+        want = (CELEBA_SIZE[1], CELEBA_SIZE[0])
+        for j, (index, _, _) in enumerate(self.sampler.batch_at(self.sampler.start_step + i)):
+            shape = tuple(images[j].shape())[:2]
+            if shape != want:
+                raise DataError(f"{self.dataset.paths[index]}: is {shape[1]}x{shape[0]}, not the "
+                                f"{want[1]}x{want[0]} of aligned CelebA; remove it, or train with --loader pil, "
+                                "which skips such images")
+
+    def _paths_in_flight(self, i):
+        first = self.sampler.start_step + i
+        steps = range(first, min(self.sampler.end_step, first + PREFETCH + 1))
+        return [self.dataset.paths[index] for step in steps for index, _, _ in self.sampler.batch_at(step)]
 
     def _explain(self, paths, error):
         for path in paths:

@@ -42,16 +42,23 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __len__(self):
         return self.end_step - self.start_step
 
+    def batch_at(self, step, epoch_order=None):
+        """This rank's list for `step` (any step, not only start..end-1); epoch_order: the step's epoch's
+        epoch_order, where the caller holds it."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order, flips = epoch_order or self.epoch_order(epoch)
+        start = position * self.global_batch + self.rank * self.batch_size
+        first_slot = self.rank * self.batch_size
+        return [(i, flips[i], (self.seed, step, first_slot + j))
+                for j, i in enumerate(order[start:start + self.batch_size])]
+
     def __iter__(self):
-        cached_epoch, order, flips = None, None, None
+        cached_epoch, orders = None, None
         for step in range(self.start_step, self.end_step):
-            epoch, position = divmod(step, self.steps_per_epoch)
+            epoch = step // self.steps_per_epoch
             if epoch != cached_epoch:
-                cached_epoch, (order, flips) = epoch, self.epoch_order(epoch)
-            start = position * self.global_batch + self.rank * self.batch_size
-            first_slot = self.rank * self.batch_size
-            yield [(i, flips[i], (self.seed, step, first_slot + j))
-                   for j, i in enumerate(order[start:start + self.batch_size])]
+                cached_epoch, orders = epoch, self.epoch_order(epoch)
+            yield self.batch_at(step, orders)
 
 
 class BatchPreprocess:
