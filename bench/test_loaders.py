@@ -1,7 +1,9 @@
 """Images per second of the loaders over a generated CelebA-like folder (178x218 JPEGs).
 
-DALI decodes on the GPU where there is one (on its CPU operators elsewhere); the PIL
-DataLoader runs with N workers. Each test also measures the PIL loader with the most workers
+DALI decodes on the GPU where there is one (nvJPEG, on its CPU operators elsewhere); the PIL
+DataLoader decodes in N workers. Both hand the decoded uint8 batch to the same batched preprocessing
+(device_preprocess.preprocess_batch: on the GPU for both on CUDA; on a CPU in the PIL workers, on
+the main thread for DALI), and the rate counts it. Each test also measures the PIL loader with the most workers
 in the same run and reports the ratio. Goal, on one H200: the loader at least as fast as the step it feeds
 (the loop >= 20,000 img/s at 64 px and >= 0.95 of the bare step).
 """

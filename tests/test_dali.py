@@ -42,24 +42,37 @@ def test_dali_decode_equals_pil_decode(tmp_path):
             assert np.array_equal(dali, pil)
 
 
+@pytest.mark.parametrize("augment", [False, True])
 @pytest.mark.parametrize("layout", ["celeba", "folder"])
-def test_dali_and_pil_loaders_give_the_same_batches(tmp_path, layout):
+def test_dali_and_pil_loaders_give_the_same_batches(tmp_path, layout, augment):
+    # both loaders hand uint8 decoded images to device_preprocess.preprocess_batch with the same
+    # (seed, step, slot) draws; the decoders (DALI's CPU decoder, PIL's libjpeg) agreed to the bit on
+    # these JPEGs and PNGs. A folder's squares are cut and resized in DALI (cubic convolution) where
+    # ImageFiles.decode uses the order-3 spline: measured at most 4 levels, 0.06 to 0.21 on average
     if layout == "celeba":
         make_celeba(tmp_path, n=16)
         dataset = build_dataset(str(tmp_path), "train", 64, 3)  # crop 40..188 x 15..163, blur, resize
     else:
         make_folder(tmp_path, n=16)  # sizes from 40x50 to 85x50: centred squares, some enlarged
         dataset = build_dataset(str(tmp_path), "train", 32, 1)
-    dali = batches(DaliLoader(dataset, 4, 0, 1, seed=5, start_step=0, end_step=6))
-    pil = batches(make_loader(dataset, StepBatchSampler(len(dataset), 4, 0, 1, 5, 0, 6), 0))
-    assert len(dali) == len(pil) == 6
+    dataset.augment = augment
+    dali = batches(DaliLoader(dataset, 4, 0, 1, seed=5, start_step=1, end_step=4))
+    pil = batches(make_loader(dataset, StepBatchSampler(len(dataset), 4, 0, 1, 5, 1, 4), 0))
+    assert len(dali) == len(pil) == 3
     for (a, attrs_a), (b, attrs_b) in zip(dali, pil):
         assert a.shape == b.shape and a.dtype == torch.float32
-        difference = (a - b).abs()
-        assert difference.mean() < LEVEL and difference.max() <= 4 * LEVEL  # cubic convolution against a spline
         assert torch.equal(attrs_a, attrs_b)  # same images, same order
+        if layout == "celeba":
+            assert torch.equal(a, b)
+        else:
+            difference = (a - b).abs()
+            assert difference.mean() < 0.3 * LEVEL and difference.max() <= 4.01 * LEVEL
     # flips are the same ones: un-flipping one side would break the match
     assert (dali[0][0].flip(3) - pil[0][0]).abs().mean() > 5 * LEVEL
+    if augment:  # the augmentation changed the images: the match is not trivial
+        dataset.augment = False
+        plain = batches(make_loader(dataset, StepBatchSampler(len(dataset), 4, 0, 1, 5, 1, 4), 0))
+        assert (dali[0][0] - plain[0][0]).abs().mean() > 5 * LEVEL
 
 
 def test_two_shards_are_disjoint_and_cover_the_split(tmp_path):
@@ -77,25 +90,77 @@ def test_two_shards_are_disjoint_and_cover_the_split(tmp_path):
         assert min(max(abs(a - b) for a, b in zip(key, ref)) for ref in everything) <= 3 * LEVEL
 
 
-def test_dali_loader_resumes_mid_epoch_exactly(tmp_path):
-    make_celeba(tmp_path, n=24)
+@pytest.mark.parametrize("augment", [False, True])
+def test_dali_loader_resumes_mid_epoch_exactly(tmp_path, augment):
+    make_celeba(tmp_path, n=24)  # 12 train images: 4 steps of 3 per epoch; step 4 starts the second
     dataset = build_dataset(str(tmp_path), "train", 32, 3)
-    whole = batches(DaliLoader(dataset, 3, 0, 1, seed=2, start_step=0, end_step=9))
-    resumed = batches(DaliLoader(dataset, 3, 0, 1, seed=2, start_step=4, end_step=9))
-    assert len(resumed) == 5
-    for (a, _), (b, _) in zip(whole[4:], resumed):
-        assert torch.equal(a, b)
+    dataset.augment = augment
+    whole = batches(DaliLoader(dataset, 3, 0, 1, seed=2, start_step=0, end_step=7))
+    resumed = batches(DaliLoader(dataset, 3, 0, 1, seed=2, start_step=5, end_step=7))
+    assert len(resumed) == 2
+    for (a, attrs_a), (b, attrs_b) in zip(whole[5:], resumed):
+        assert torch.equal(a, b) and torch.equal(attrs_a, attrs_b)
 
 
-def test_corrupt_jpeg_is_a_clear_error_naming_the_file(tmp_path):
-    paths = make_folder(tmp_path, n=8, nested=False)
-    corrupt = sorted(paths)[2]
+@pytest.mark.parametrize("layout", ["folder", "celeba"])
+def test_corrupt_jpeg_is_a_clear_error_naming_the_file(tmp_path, layout):
+    if layout == "folder":
+        paths = make_folder(tmp_path, n=8, nested=False)
+    else:
+        paths = [str(tmp_path / "img_align_celeba" / n) for n in make_celeba(tmp_path, n=16)]
+    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    corrupt = sorted(dataset.paths)[2]  # not the first: build_dataset reads it
     with open(corrupt, "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 not really a JPEG")
-    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    loader = DaliLoader(dataset, 4, 0, 1, seed=0, start_step=0, end_step=len(dataset) // 4)
     with pytest.raises(DataError, match="cannot be decoded") as e:
-        batches(DaliLoader(dataset, 4, 0, 1, seed=0, start_step=0, end_step=2))
-    assert corrupt in str(e.value) and "--loader pil" in str(e.value)
+        batches(loader)
+    assert corrupt in str(e.value) and "--loader pil" in str(e.value) and corrupt in paths
+    assert loader.pipe is None  # shut down, workers included
+
+
+def test_a_celeba_image_of_another_size_is_a_clear_error_naming_it(tmp_path):
+    names = make_celeba(tmp_path, n=16)
+    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    wrong = dataset.paths[3]
+    Image.new("RGB", (180, 218)).save(wrong, format="JPEG")
+    with pytest.raises(DataError, match="is 180x218, not the 178x218 of aligned CelebA") as e:
+        batches(DaliLoader(dataset, 4, 0, 1, seed=0, start_step=0, end_step=3))
+    assert wrong in str(e.value) and len(names) == 16
+
+
+def test_the_python_workers_start_by_spawn_and_end_with_the_iteration(tmp_path):
+    # spawn is the start method on CUDA: the callback must pickle and the workers import vaegan
+    import multiprocessing
+    make_celeba(tmp_path, n=16)
+    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    dataset.augment = True
+    before = set(multiprocessing.active_children())
+    loader = DaliLoader(dataset, 4, 0, 1, seed=4, start_step=1, end_step=4, py_start_method="spawn")
+    workers = set(multiprocessing.active_children()) - before
+    assert workers and all(w.is_alive() for w in workers)
+    got = batches(loader)
+    for worker in workers:
+        worker.join(timeout=30)
+    assert not any(w.is_alive() for w in workers) and loader.pipe is None
+    want = batches(make_loader(dataset, StepBatchSampler(len(dataset), 4, 0, 1, 4, 1, 4), 0))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(got, want)) and len(got) == 3
+
+
+def test_nothing_is_drawn_or_read_on_the_launching_thread(tmp_path, monkeypatch):
+    # the callback runs in DALI's worker processes; here, augment.draw and np.fromfile must not run
+    import vaegan.data.augment as augment
+    import vaegan.data.dali as dali
+    make_celeba(tmp_path, n=16)
+    dataset = build_dataset(str(tmp_path), "train", 32, 3)
+    dataset.augment = True
+    loader = DaliLoader(dataset, 4, 0, 1, seed=4, start_step=0, end_step=3)  # workers forked before the patch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("called on the launching thread")
+    monkeypatch.setattr(augment, "draw", forbidden)
+    monkeypatch.setattr(dali.np, "fromfile", forbidden)
+    assert len(batches(loader)) == 3
 
 
 def test_builtin_faces_with_dali_are_a_clear_error():
@@ -172,8 +237,9 @@ def test_dali_preprocessing_follows_the_authors_on_real_photographs(tmp_path):
 
 @pytest.mark.parametrize("layout", ["photographs", "folder"])
 def test_the_authors_augmentation_in_dali_follows_the_pil_loader(tmp_path, layout):
-    # the same (seed, step, slot) draws the same augmentation in both loaders; DALI warps with
-    # linear interpolation where the PIL loader uses scikit-image's order-3 spline
+    # the same (seed, step, slot) draws the same augmentation in both loaders, applied by the same
+    # function to the decoded images: a folder's square at datasets.decoded_side in both (resized in
+    # DALI with cubic convolution, with the order-3 spline in ImageFiles.decode)
     if layout == "photographs":
         make_celeba_from_photographs(tmp_path)
         dataset = build_dataset(str(tmp_path), "train", 64, 3)
@@ -183,46 +249,13 @@ def test_the_authors_augmentation_in_dali_follows_the_pil_loader(tmp_path, layou
     dataset.augment = True
     batch = min(len(dataset), 8)
     dali = batches(DaliLoader(dataset, batch, 0, 1, seed=3, start_step=4, end_step=6))
-    sampler = StepBatchSampler(len(dataset), batch, 0, 1, 3, 4, 6)
-    if layout == "photographs":
-        pil = batches(make_loader(dataset, sampler, 0))
-    else:  # DALI warps a folder's whole file, as the per-image path does; the PIL loader warps the decoded
-        # square (datasets.decoded_side), where a translation moves the picture less
-        pil = [(torch.stack([dataset[item][0] for item in items]), None) for items in sampler]
+    pil = batches(make_loader(dataset, StepBatchSampler(len(dataset), batch, 0, 1, 3, 4, 6), 0))
     dataset.augment = False
     plain = batches(make_loader(dataset, StepBatchSampler(len(dataset), batch, 0, 1, 3, 4, 6), 0))
     for (a, _), (b, _), (c, _) in zip(dali, pil, plain):
         difference = (a - b).abs()
-        assert difference.mean() < LEVEL and torch.quantile(difference, 0.99) <= 6 * LEVEL
-        assert (b - c).abs().mean() > 10 * difference.mean()  # the augmentation changed the images: the match is not trivial
-
-
-@pytest.mark.parametrize("channels", [3, 1])
-def test_the_dali_colour_changes_are_the_authors_on_fresh_images(channels):
-    # far larger changes than the authors draw, so that a wrong sign or sextant could not hide
-    from nvidia.dali import fn, pipeline_def
-
-    from vaegan.data import augment
-    from vaegan.data.dali import _authors_colour, augmentation_inputs
-    rng = np.random.default_rng()
-    images = [rng.random((17, 23, channels)).astype(np.float32) for _ in range(4)]
-    images[0][:4, :4] = 0.4  # grey pixels (no chroma)
-    images[0][4:8, :4, :2] = 0.9  # ties for the largest channel
-    images[1][:3] = 0.0  # black
-    drawn = [augment.Augmentation((0, 0), 1, 0, rng.uniform(0.6, 1.6), rng.uniform(0.6, 1.6), rng.uniform(-0.5, 0.5))
-             for _ in images]
-    names = augmentation_inputs(channels)
-
-    def source():
-        yield (images, *([np.float32(getattr(a, name)) for a in drawn] for name in names))
-
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
-    def pipeline():
-        batch, *values = fn.external_source(source=source, num_outputs=1 + len(names), batch=True, layout=["HWC"] + [""] * len(names))
-        return _authors_colour(batch, channels=channels, **dict(zip(names, values)))
-    pipe = pipeline()
-    pipe.build()
-    (out,) = pipe.run()
-    for i, (image, a) in enumerate(zip(images, drawn)):
-        want = augment.colour(image.astype(np.float64), a)
-        assert np.abs(np.array(out.at(i)) - want).max() < 1e-5
+        if layout == "photographs":
+            assert torch.equal(a, b)
+        else:
+            assert difference.mean() < 0.3 * LEVEL and difference.max() <= 4.01 * LEVEL
+        assert (b - c).abs().mean() > 10 * max(difference.mean(), LEVEL / 10)  # the augmentation changed the images
