@@ -48,13 +48,6 @@ def inverse_map(a, shape):
             + transform.SimilarityTransform(translation=centre + np.array(a.translation)))
 
 
-def pixel_span_matrix(a, shape):
-    """inverse_map as a 2x3 float32 matrix for DALI's warp_affine, where pixel i spans [i, i + 1)."""
-    to_span = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
-    from_span = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
-    return (to_span @ inverse_map(a, shape).params @ from_span)[:2].astype(np.float32)
-
-
 def apply(image, a):
     """float (H, W, C) in [0, 1] -> the augmented float image, C = 3 (RGB) or 1 (grey: no hue)."""
     image = transform.warp(image, inverse_map(a, image.shape), order=3, mode="edge")
