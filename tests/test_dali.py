@@ -148,7 +148,8 @@ def test_the_python_workers_start_by_spawn_and_end_with_the_iteration(tmp_path):
 
 
 def test_nothing_is_drawn_or_read_on_the_launching_thread(tmp_path, monkeypatch):
-    # the callback runs in DALI's worker processes; here, augment.draw and np.fromfile must not run
+    # the files are read in DALI's worker processes; here no file is read and nothing is drawn per image
+    # (augment.draw): the step's augmentations are one batched draw per batch
     import vaegan.data.augment as augment
     import vaegan.data.dali as dali
     make_celeba(tmp_path, n=16)
@@ -158,9 +159,12 @@ def test_nothing_is_drawn_or_read_on_the_launching_thread(tmp_path, monkeypatch)
 
     def forbidden(*args, **kwargs):
         raise AssertionError("called on the launching thread")
+    batched = []
+    draw_fields = augment.draw_fields
     monkeypatch.setattr(augment, "draw", forbidden)
+    monkeypatch.setattr(augment, "draw_fields", lambda *a: batched.append(a) or draw_fields(*a))
     monkeypatch.setattr(dali.np, "fromfile", forbidden)
-    assert len(batches(loader)) == 3
+    assert len(batches(loader)) == 3 and len(batched) == 3
 
 
 def test_builtin_faces_with_dali_are_a_clear_error():

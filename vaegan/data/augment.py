@@ -5,13 +5,19 @@ rotation sigma 0.01 rad; order-3 spline, border pixels repeated), a gamma and a 
 of HSV's saturation and value), each exp(N(sigma^2, sigma) / ln 2) with sigma 0.05, and a hue shift
 (sigma 0.01 of the hue circle). The authors drew 600,000 such images once; here each is drawn when
 it is loaded, from (seed, step, slot in the global batch): the same on any number of workers or
-processes, and again on resume.
+processes, and again on resume. The draws are counter-based (Philox, kernels/philox.py, in a stream
+of their own: each step's key comes from the run's seed and the step, and slot s takes the normals
+at counters 7s .. 7s + 6 under it), so a whole batch is drawn in a few tensor operations, on any
+device, with no per-image work.
 """
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from skimage import color, transform
+
+from kernels import philox
 
 SIGMAS = {"translation": 2.0, "scale": 0.01, "rotation": 0.01, "gamma": 0.05, "contrast": 0.05, "hue": 0.01}
 
@@ -26,17 +32,38 @@ class Augmentation:
     hue: float          # a fraction of the hue circle
 
 
-def log2_normal(rng, sigma):
-    return math.exp(rng.normal(sigma ** 2, sigma) / math.log(2))
+STREAM = 0x2545F491  # added to the run's seed: the augmentation's Philox keys are not the training noise's
+NORMALS = 7             # translation (2), scale, rotation, gamma, contrast, hue
+
+
+def standard_normals(seed, step, slots):
+    """float64 (len(slots), 7) standard normals of (seed, step, slot) for an int64 tensor of slots, on its
+    device: Box-Muller on two Philox words taken as exact float64 uniforms."""
+    key = int(philox.philox_words(philox.normalise_seed(seed + STREAM), torch.tensor([step]))[0]) % philox.SEED_LIMIT
+    counters = slots.reshape(-1, 1).to(torch.int64) * NORMALS + torch.arange(NORMALS, device=slots.device)
+    w1, w2 = philox.philox_words(key, counters)
+    u1 = (w1.double() + 1.0) / 2.0 ** 32  # in (0, 1]: the logarithm is finite
+    u2 = w2.double() / 2.0 ** 32
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def draw_fields(seed, step, slots):
+    """{field: float64 tensor} of the slots' augmentations (translation (B, 2) in (rows, columns), the
+    others (B,)), with the authors' distributions: gamma and contrast exp(N(sigma^2, sigma) / ln 2)."""
+    n = standard_normals(seed, step, slots)
+
+    def log2_normal(column, sigma):
+        return torch.exp((sigma ** 2 + sigma * column) / math.log(2))
+    return {"translation": SIGMAS["translation"] * n[:, 0:2], "scale": 1.0 + SIGMAS["scale"] * n[:, 2],
+            "rotation": SIGMAS["rotation"] * n[:, 3], "gamma": log2_normal(n[:, 4], SIGMAS["gamma"]),
+            "contrast": log2_normal(n[:, 5], SIGMAS["contrast"]), "hue": SIGMAS["hue"] * n[:, 6]}
 
 
 def draw(seed, step, slot):
-    """The augmentation of slot `slot` of step `step`'s global batch, with the authors' distributions."""
-    rng = np.random.default_rng([seed, step, slot])
-    translation = tuple(rng.normal(0.0, SIGMAS["translation"], size=2))
-    return Augmentation(translation, rng.normal(1.0, SIGMAS["scale"]), rng.normal(0.0, SIGMAS["rotation"]),
-                        log2_normal(rng, SIGMAS["gamma"]), log2_normal(rng, SIGMAS["contrast"]),
-                        rng.normal(0.0, SIGMAS["hue"]))
+    """The augmentation of slot `slot` of step `step`'s global batch (draw_fields of that one slot)."""
+    fields = {name: value[0].tolist() for name, value in draw_fields(seed, step, torch.tensor([slot])).items()}
+    return Augmentation(tuple(fields["translation"]), fields["scale"], fields["rotation"], fields["gamma"],
+                        fields["contrast"], fields["hue"])
 
 
 def inverse_map(a, shape):

@@ -4,10 +4,10 @@ The order is the one the PIL loader uses (vaegan/data/loader.py): the same StepB
 which files rank r reads at step s. The pipeline is built once per run. Its input is a parallel
 external source: DALI's Python worker processes call _Samples for each sample of each iteration,
 and it takes slot j of iteration i from the sampler's batch at step start + i (so a resumed run
-continues exactly), reads that file's bytes, and returns them with the image's data-set index, its
-flip bit and, with --augment authors, its augmentation drawn from (seed, step, slot) (augment.draw,
-as device_preprocess.draw_batch draws it). Nothing is done per image on the thread that launches the
-training step: it receives the decoded batch and these values as arrays.
+continues exactly), reads that file's bytes, and returns them with the image's data-set index and its
+flip bit. Nothing is done per image on the thread that launches the training step: it receives the
+decoded batch and these values as arrays, and draws the step's augmentations from (seed, step,
+slots) in a few tensor operations (augment.draw_fields, as every loader draws them).
 
 DALI only decodes: CelebA's whole 178x218 image; a folder's centred square at datasets.decoded_side
 (the side ImageFiles.decode gives the PIL loader and the cache), cut, low-passed and resized in DALI
@@ -34,12 +34,12 @@ from PIL import Image
 
 from . import augment
 from .datasets import DataError, decoded_side
-from .device_preprocess import AUGMENTATION_FIELDS, preprocess_batch
+from .device_preprocess import preprocess_batch
 from .loader import StepBatchSampler
 from .preprocess import CELEBA_SIZE
 
 DALI_THREADS = 4
-PY_WORKERS = 4  # DALI's Python worker processes (file reads and augmentation draws), at most one per core
+PY_WORKERS = 4  # DALI's Python worker processes (file reads), at most one per core
 PREFETCH = 2
 NO_BLUR_SIGMA = 0.01  # a 3-tap kernel of weights ~(0, 1, 0): the identity, for squares not shrunk
 DRAWN = 7  # translation (rows, columns), scale, rotation, gamma, contrast, hue
@@ -53,29 +53,15 @@ def dali_unavailable_reason():
     return None
 
 
-def drawn_values(place):
-    """float64 (7,): augment.draw(*place) in the order unpack_drawn reads."""
-    a = augment.draw(*place)
-    return np.array([*a.translation, a.scale, a.rotation, a.gamma, a.contrast, a.hue], dtype=np.float64)
-
-
-def unpack_drawn(drawn):
-    """float64 (B, 7) -> device_preprocess.draw_batch's dictionary (the same float64 values)."""
-    drawn = torch.from_numpy(np.ascontiguousarray(drawn, dtype=np.float64))
-    columns = {"translation": drawn[:, 0:2]}
-    columns.update({name: drawn[:, 2 + k] for k, name in enumerate(AUGMENTATION_FIELDS[1:])})
-    return {name: columns[name].contiguous() for name in AUGMENTATION_FIELDS}
-
-
 class _Samples:
     """The parallel external source's callback, run in DALI's Python workers (picklable: the file
     paths, the sampler and a flag). Sample j of iteration i: slot j of the sampler's batch at step
-    start + i, as (encoded bytes, int64 [index, flip][, float64 drawn_values]). The epoch's order and
+    start + i, as (encoded bytes, int64 [index, flip]). The epoch's order and
     the step's batch are cached in each worker (a value of the arguments only, so any worker may
     serve any sample)."""
 
-    def __init__(self, paths, sampler, augment):
-        self.paths, self.sampler, self.augment = paths, sampler, augment
+    def __init__(self, paths, sampler):
+        self.paths, self.sampler = paths, sampler
         self._epoch = self._step = None
 
     def __getstate__(self):
@@ -95,9 +81,8 @@ class _Samples:
         step = self.sampler.start_step + info.iteration
         if step >= self.sampler.end_step:
             raise StopIteration
-        index, flip, place = self.batch(step)[info.idx_in_batch]
-        sample = (np.fromfile(self.paths[index], dtype=np.uint8), np.array([index, int(flip)], dtype=np.int64))
-        return (*sample, drawn_values(place)) if self.augment else sample
+        index, flip, _ = self.batch(step)[info.idx_in_batch]
+        return np.fromfile(self.paths[index], dtype=np.uint8), np.array([index, int(flip)], dtype=np.int64)
 
 
 def _folder_square(images, encoded, side):
@@ -129,19 +114,17 @@ def _build_pipeline(source, dataset, batch_size, device, device_id, py_start_met
     from nvidia.dali import fn, pipeline_def, types
 
     decoder_device = "mixed" if device == "cuda" else "cpu"
-    outputs = 3 if dataset.augment else 2
-
     @pipeline_def(batch_size=batch_size, num_threads=DALI_THREADS, device_id=device_id,
                   prefetch_queue_depth=PREFETCH, py_num_workers=min(PY_WORKERS, os.cpu_count() or 1),
                   py_start_method=py_start_method)
     def pipeline():
-        encoded, *values = fn.external_source(source=source, num_outputs=outputs, batch=False, parallel=True,
-                                              dtype=[types.UINT8, types.INT64, types.FLOAT64][:outputs])
+        encoded, labels = fn.external_source(source=source, num_outputs=2, batch=False, parallel=True,
+                                             dtype=[types.UINT8, types.INT64])
         # RGB always: preprocess_batch converts to grey with PIL's formula, as the PIL loader does
         images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
         if not dataset.celeba:
             images = _folder_square(images, encoded, decoded_side(dataset.image_size, dataset.augment))
-        return (images, *values)
+        return images, labels
 
     pipe = pipeline()
     pipe.build()
@@ -171,7 +154,7 @@ class DaliLoader:
         self.sampler = StepBatchSampler(len(dataset), batch_size, rank, world_size, seed, start_step, end_step, flip)
         self.num_workers = DALI_THREADS
         self.unused_per_epoch = len(dataset) - self.sampler.steps_per_epoch * self.sampler.global_batch
-        self.source = _Samples(list(dataset.paths), self.sampler, dataset.augment)
+        self.source = _Samples(list(dataset.paths), self.sampler)
         start_method = py_start_method or ("spawn" if device == "cuda" else "fork")
         self.pipe = _build_pipeline(self.source, dataset, batch_size, device, device_id, start_method)
         self.target_device = torch.device("cuda", device_id) if device == "cuda" else torch.device("cpu")
@@ -201,7 +184,7 @@ class DaliLoader:
         if pool is not None:
             pool.close()
 
-    def _to_torch(self, i, images, labels, drawn=None):
+    def _to_torch(self, i, images, labels):
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         if self.dataset.celeba and not images.is_dense_tensor():
@@ -212,8 +195,12 @@ class DaliLoader:
         stream = torch.cuda.current_stream(self.target_device) if self.device == "cuda" else None
         feed_ndarray(images, target, cuda_stream=stream)
         labels = torch.from_numpy(np.array(labels.as_tensor()))
-        augmentations = unpack_drawn(np.array(drawn.as_tensor())) if drawn is not None else None
-        d = self.dataset
+        d, sampler = self.dataset, self.sampler
+        augmentations = None
+        if d.augment:  # the step's draws, in a few tensor operations (augment.draw_fields)
+            first = sampler.rank * sampler.batch_size
+            slots = torch.arange(first, first + len(labels), device=self.target_device)
+            augmentations = augment.draw_fields(sampler.seed, sampler.start_step + i, slots)
         batch = preprocess_batch(target, d.image_size, d.channels, d.celeba, augmentations, labels[:, 1].bool())
         attributes = d.attributes[labels[:, 0]]
         if self.device == "cuda":  # pinned, so that the loop's non_blocking copy does not wait

@@ -29,11 +29,19 @@ AUGMENTATION_FIELDS = ("translation", "scale", "rotation", "gamma", "contrast", 
 
 
 def draw_batch(places, device=None):
-    """[(seed, step, slot), ...] -> {field: float64 tensor}, exactly augment.draw's values (translation
-    (B, 2) in (rows, columns), the others (B,))."""
-    drawn = [augment.draw(*place) for place in places]
-    return {name: torch.tensor([getattr(a, name) for a in drawn], dtype=torch.float64, device=device)
-            for name in AUGMENTATION_FIELDS}
+    """[(seed, step, slot), ...] -> {field: float64 tensor on `device`}: augment.draw_fields of each
+    (seed, step) group's slots (a loader's batch is one group: a few tensor operations)."""
+    groups = {}
+    for i, (seed, step, slot) in enumerate(places):
+        groups.setdefault((seed, step), []).append((i, slot))
+    fields = {name: torch.empty((len(places), 2) if name == "translation" else (len(places),), dtype=torch.float64,
+                                device=device) for name in AUGMENTATION_FIELDS}
+    for (seed, step), members in groups.items():
+        rows = torch.tensor([i for i, _ in members], device=device)
+        drawn = augment.draw_fields(seed, step, torch.tensor([slot for _, slot in members], device=device))
+        for name in AUGMENTATION_FIELDS:
+            fields[name][rows] = drawn[name]
+    return fields
 
 
 def inverse_maps(augmentations, shape):
