@@ -17,8 +17,8 @@
 # (the device tool's folder) or bench/results/, headed by the device, the versions, the date and
 # the command: commit them.
 # Compiled code is cached in .cache/ (ignored by git) so later stages on the same machine reuse it.
-# DALI is optional everywhere: without it the loader stages and the training run use PIL with
-# one worker per core, and say so.
+# DALI is optional everywhere: without it the loader stages and the training run use the PIL loader
+# or the decoded cache (the authors' augmentation runs batched on the GPU with either), and say so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
@@ -99,18 +99,15 @@ bench() {  # $1: stage name (for the json), the rest: pytest arguments
     --benchmark-json="$out/gpu-$stamp-$device-$stage.json" --benchmark-columns=median,rounds,iterations
 }
 
-train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs, the fastest configuration
+train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs: the user's command, its defaults
+  # (bf16, compiled, CUDA graphs, the authors' augmentation batched on the GPU, the decoded cache)
   local data=.cache/celeba-like
   [ -d "$data/img_align_celeba" ] || python3 -c "import sys; sys.path.insert(0, 'tests'); \
     from datagen import make_celeba; make_celeba('$data', n=8192)"
   rm -rf .cache/train-run
   local log="$out/gpu-$stamp-$device-train-raw.log"  # written as it runs: kept when the stage is stopped
-  local augment=()
-  python3 -c "import nvidia.dali" 2>/dev/null || { augment=(--augment flip)
-    echo "no DALI: the PIL loader, flips only (the authors' augmentation costs ~20 ms per image per core in PIL)"; }
   TORCH_LOGS=${TORCH_LOGS:-recompiles} python3 train.py --data "$data" --steps ${TRAIN_STEPS:-300} --batch-size 256 \
-    --precision bf16 --compile --cuda-graphs --workers "$cores" --log-every 25 --sample-every 300 \
-    --checkpoint-every 300 "${augment[@]}" --out .cache/train-run >"$log" 2>&1
+    --log-every 25 --sample-every 300 --checkpoint-every 300 --out .cache/train-run >"$log" 2>&1
   local rc=$?
   tr '\r' '\n' <"$log" | grep -v "it/s\]$"
   cp .cache/train-run/metrics.jsonl "$out/gpu-$stamp-$device-train-metrics.jsonl" 2>/dev/null
@@ -120,11 +117,8 @@ train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs,
 precision() {  # the fast path learns what the reference path learns: the same seed, images and steps
   # (PRECISION_STEPS, 3,000 of 64 at 64 px) in the fastest mode, in eager fp32 and, if the time allows,
   # the plain VAE in the fastest mode; held-out errors and KID along each run (bench/precision_curves.py)
-  local augment=""
-  python3 -c "import nvidia.dali" 2>/dev/null || { augment="--augment flip"
-    echo "no DALI: the PIL loader, flips only (the authors' augmentation costs ~20 ms per image per core in PIL)"; }
   python3 bench/precision_curves.py --device cuda --out .cache/precision --steps "${PRECISION_STEPS:-3000}" \
-    --train-args="$augment" --deadline $((limit - 30)) \
+    --deadline $((limit - 30)) \
     --json "$out/gpu-$stamp-$device-precision.json" --md "$out/gpu-$stamp-$device-precision.md"
 }
 
