@@ -7,7 +7,7 @@ and it takes slot j of iteration i from the sampler's batch at step start + i (s
 continues exactly), reads that file's bytes, and returns them with the image's data-set index and its
 flip bit. Nothing is done per image on the thread that launches the training step: it receives the
 decoded batch and these values as arrays, and draws the step's augmentations from (seed, step,
-slots) in a few tensor operations (augment.draw_fields, as every loader draws them).
+slots) in a few tensor operations (loader.BatchPreprocess, as every loader draws them).
 
 DALI only decodes: CelebA's whole 178x218 image; a folder's centred square at datasets.decoded_side
 (the side ImageFiles.decode gives the PIL loader and the cache), cut, low-passed and resized in DALI
@@ -32,10 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import augment
 from .datasets import DataError, decoded_side
-from .device_preprocess import preprocess_batch
-from .loader import StepBatchSampler
+from .loader import BatchPreprocess, StepBatchSampler
 from .preprocess import CELEBA_SIZE
 
 DALI_THREADS = 4
@@ -195,13 +193,10 @@ class DaliLoader:
         stream = torch.cuda.current_stream(self.target_device) if self.device == "cuda" else None
         feed_ndarray(images, target, cuda_stream=stream)
         labels = torch.from_numpy(np.array(labels.as_tensor()))
-        d, sampler = self.dataset, self.sampler
-        augmentations = None
-        if d.augment:  # the step's draws, in a few tensor operations (augment.draw_fields)
-            first = sampler.rank * sampler.batch_size
-            slots = torch.arange(first, first + len(labels), device=self.target_device)
-            augmentations = augment.draw_fields(sampler.seed, sampler.start_step + i, slots)
-        batch = preprocess_batch(target, d.image_size, d.channels, d.celeba, augmentations, labels[:, 1].bool())
+        sampler, first = self.sampler, self.sampler.rank * self.sampler.batch_size
+        places = [(sampler.seed, sampler.start_step + i, first + j) for j in range(len(labels))]
+        batch = BatchPreprocess.of(self.dataset)(target, labels[:, 1].bool(), places)  # as every loader does
+        d = self.dataset
         attributes = d.attributes[labels[:, 0]]
         if self.device == "cuda":  # pinned, so that the loop's non_blocking copy does not wait
             attributes = attributes.pin_memory()

@@ -31,6 +31,9 @@ AUGMENTATION_FIELDS = ("translation", "scale", "rotation", "gamma", "contrast", 
 def draw_batch(places, device=None):
     """[(seed, step, slot), ...] -> {field: float64 tensor on `device`}: augment.draw_fields of each
     (seed, step) group's slots (a loader's batch is one group: a few tensor operations)."""
+    if len({(seed, step) for seed, step, _ in places}) == 1:  # a loader's batch: no regrouping
+        seed, step, _ = places[0]
+        return augment.draw_fields(seed, step, torch.tensor([slot for *_, slot in places], device=device))
     groups = {}
     for i, (seed, step, slot) in enumerate(places):
         groups.setdefault((seed, step), []).append((i, slot))
