@@ -18,6 +18,8 @@ VARIANTS = [
     dict(kind="gan"),
     dict(kind="gan", saturating=False),
     dict(kind="vae-disl"),
+    dict(kind="vaegan", decoder_call="joint"),
+    dict(kind="vaegan", decoder_call="joint", saturating=False, dis_sees_recon=True),
 ]
 
 
@@ -97,6 +99,33 @@ def test_conditional_models_route_exactly_too(variant, kernel_set):
     compute_gradients_reference(model, x, eps, z_prior, cfg, attributes=-attributes)
     first = next(iter(want))
     assert not torch.allclose(grads(model)[first], want[first])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_joint_decoder_call_computes_what_two_calls_compute(dtype):
+    # gradients, stats and every BatchNorm's running statistics (from the reconstructions' half only)
+    model, x, _, z_prior = make("vaegan", seed=8, dtype=dtype)
+    start = {n: b.clone() for n, b in model.named_buffers()}
+    results = []
+    for decoder_call in ("separate", "joint"):
+        for n, b in model.named_buffers():
+            b.copy_(start[n])
+        stats = compute_gradients(model, x, z_prior, UpdateConfig(gamma=1e-3, decoder_call=decoder_call), NOISE_SEED)
+        results.append((grads(model), stats, {n: b.clone() for n, b in model.named_buffers()}))
+    (separate, separate_stats, separate_buffers), (joint, joint_stats, joint_buffers) = results
+    rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert_same_grads(joint, separate, rtol)
+    for name in separate_stats:
+        assert torch.allclose(joint_stats[name], separate_stats[name], rtol=rtol), name
+    for name, value in separate_buffers.items():
+        assert not torch.equal(value, start[name]), f"{name} was not updated"
+        assert torch.allclose(joint_buffers[name].double(), value.double(), rtol=rtol, atol=1e-7), name
+
+
+def test_the_joint_decoder_call_takes_halves_of_equal_size():
+    model, x, _, z_prior = make("vaegan")
+    with pytest.raises(ValueError, match="halves of equal size, not 4 and 3 rows"):
+        model.decoder.forward_joint(z_prior, z_prior[:3])
 
 
 def own_gradient(model, network, loss):

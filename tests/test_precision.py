@@ -11,6 +11,7 @@ import torch
 from datagen import photograph_batch
 from vaegan.train_step import StepMode, TrainStep
 from vaegan.models import VAEGAN
+from vaegan import gradients
 from vaegan.gradients import UpdateConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,17 +19,18 @@ GAMMA = 1e-6  # the paper's
 SEED = 7
 
 
-def decoder_gradients(source, kind, autocast_dtype, options, x, z_prior):
+def decoder_gradients(source, kind, autocast_dtype, options, x, z_prior, decoder_call="separate"):
     """The decoder's gradient of a `kind` model holding `source`'s weights, after one routed step."""
     model = VAEGAN(kind, 64).to(DEVICE)
     for name in ("encoder", "decoder", "discriminator"):
         if getattr(model, name) is not None:
             getattr(model, name).load_state_dict(getattr(source, name).state_dict())
-    TrainStep(model, {}, UpdateConfig(kind=kind, gamma=GAMMA), autocast_dtype, options).gradients(x, z_prior, SEED)
+    update = UpdateConfig(kind=kind, gamma=GAMMA, decoder_call=decoder_call)
+    TrainStep(model, {}, update, autocast_dtype, options).gradients(x, z_prior, SEED)
     return [p.grad.double() for p in model.decoder.parameters()]
 
 
-def likelihood_gradient_kept(autocast_dtype, options):
+def likelihood_gradient_kept(autocast_dtype, options, decoder_call="separate"):
     """How much of gamma * dL_llike/dtheta (fp32, from vae-disl) the decoder's VAE/GAN gradient holds
     beyond its GAN gradient (the gan model's, same weights, same prior codes): a projection, 1 when
     all of it is there. The paper's 64 px networks, 8 real photographs, at initialisation."""
@@ -36,7 +38,7 @@ def likelihood_gradient_kept(autocast_dtype, options):
     source = VAEGAN("vaegan", 64)
     x, z_prior = photograph_batch(8, 64).to(DEVICE), torch.randn(8, 128).to(DEVICE)
     want = [GAMMA * g for g in decoder_gradients(source, "vae-disl", None, StepMode(), x, z_prior)]
-    vaegan = decoder_gradients(source, "vaegan", autocast_dtype, options, x, z_prior)
+    vaegan = decoder_gradients(source, "vaegan", autocast_dtype, options, x, z_prior, decoder_call)
     gan = decoder_gradients(source, "gan", autocast_dtype, options, x, z_prior)
     along = sum(((a - b) * w).sum() for a, b, w in zip(vaegan, gan, want))
     return float(along / sum((w * w).sum() for w in want))
@@ -52,6 +54,31 @@ def test_the_decoder_keeps_its_likelihood_gradient_in_bf16(options):
     assert likelihood_gradient_kept(None, options) > 0.99  # fp32: the measurement measures
     kept = likelihood_gradient_kept(torch.bfloat16, options)
     assert kept >= 0.9, f"bf16 keeps {kept:.1%} of the decoder's likelihood gradient"
+
+
+def joint_likelihood_gradient_kept(autocast_dtype, options, monkeypatch):
+    """As likelihood_gradient_kept, for --decoder-call joint, where the gan model's separate pass is not
+    the same computation as the prior half of the joint call: the GAN gradient is taken off by running the
+    same joint vaegan step with the decoder's likelihood weight at 1e-30 instead of gamma (nothing else
+    changes: the halves' weight gradients are taken apart, so the prior half's is the same bits)."""
+    torch.manual_seed(0)
+    source = VAEGAN("vaegan", 64)
+    x, z_prior = photograph_batch(8, 64).to(DEVICE), torch.randn(8, 128).to(DEVICE)
+    want = [GAMMA * g for g in decoder_gradients(source, "vae-disl", None, StepMode(), x, z_prior)]
+    vaegan = decoder_gradients(source, "vaegan", autocast_dtype, options, x, z_prior, "joint")
+    monkeypatch.setattr(gradients, "decoder_llike_weight", lambda cfg: 1e-30)
+    gan = decoder_gradients(source, "vaegan", autocast_dtype, options, x, z_prior, "joint")
+    monkeypatch.undo()
+    along = sum(((a - b) * w).sum() for a, b, w in zip(vaegan, gan, want))
+    return float(along / sum((w * w).sum() for w in want))
+
+
+def test_the_joint_decoder_call_keeps_the_likelihood_gradient_in_bf16(monkeypatch):
+    # one call over [z, z_p]: the weight gradients are still taken per half (models.Decoder.forward_joint)
+    # (eager: tests/test_gradients.py holds the compiled joint call to the reference)
+    assert joint_likelihood_gradient_kept(None, StepMode(), monkeypatch) > 0.99
+    kept = joint_likelihood_gradient_kept(torch.bfloat16, StepMode(), monkeypatch)
+    assert kept >= 0.9, f"bf16 keeps {kept:.1%} of the decoder's likelihood gradient with --decoder-call joint"
 
 
 def test_batchnorm_statistics_of_bf16_activations_are_taken_in_fp32():

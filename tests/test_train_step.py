@@ -44,7 +44,8 @@ def test_compiled_step_with_inductor_gives_the_reference_gradients():
 MODES = [StepMode(channels_last=True), StepMode(compile=True, backend="aot_eager"),
          StepMode(compile=True, backend="aot_eager", channels_last=True)]
 VARIANTS = [("vaegan", {}), ("vaegan", dict(saturating=False, dis_sees_recon=True)), ("vae", {}), ("gan", {}),
-            ("vae-disl", {}), ("cvaegan", {})]
+            ("vae-disl", {}), ("cvaegan", {}), ("vaegan", dict(decoder_call="joint")),
+            ("cvaegan", dict(decoder_call="joint", saturating=False, dis_sees_recon=True))]
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.describe().replace(" ", ""))
@@ -266,3 +267,28 @@ def test_the_trainer_runs_eager_when_compiling_by_default_fails(tmp_path, monkey
     assert all(torch.equal(fell_back["model"][n], eager["model"][n]) for n in eager["model"])
     # the rate is a float again, as in a run that never compiled (a tensor rate rounds differently on CUDA)
     assert isinstance(fell_back["optimizers"]["encoder"]["param_groups"][0]["lr"], float)
+
+
+def test_the_step_levers_refuse_what_they_cannot_do():
+    with pytest.raises(ConfigError, match="--decoder-call joint applies to .* not gan"):
+        check(TrainConfig(decoder_call="joint", model="gan"))
+    with pytest.raises(ConfigError, match="--decoder-call joint .* --sync-bn"):
+        check(TrainConfig(decoder_call="joint", sync_bn=True))
+    with pytest.raises(ConfigError, match="--max-autotune .* needs --compile"):
+        check(TrainConfig(max_autotune=True, compile=False))
+    with pytest.raises(ConfigError, match="--max-autotune .* needs --compile"):
+        check(TrainConfig(max_autotune=True, compile=True, compile_backend="aot_eager"))
+    check(TrainConfig(max_autotune=True, compile=True))  # inductor: allowed
+
+
+def test_max_autotune_is_inductors_mode_with_or_without_cuda_graphs():
+    assert StepMode(compile=True, cuda_graphs=True, max_autotune=True).compile_mode() == "max-autotune"
+    assert StepMode(compile=True, max_autotune=True).compile_mode() == "max-autotune-no-cudagraphs"
+    assert StepMode(compile=True, cuda_graphs=True).compile_mode() == "reduce-overhead"
+    assert StepMode(compile=True).compile_mode() is None
+    assert "max-autotune" in StepMode(compile=True, max_autotune=True).describe()
+    from vaegan import options, trainer
+    cfg, _ = options.resolve(TrainConfig(data="generated", image_size=32, latent_size=8, fc_width=16, batch_size=2,
+                                         compile=True, max_autotune=True, out="unused"), torch.device("cpu"))
+    _, _, step = trainer.build_step(cfg, torch.device("cpu"))  # compiles at its first call: not here
+    assert step.mode.max_autotune and step.mode.compile_mode() == "max-autotune-no-cudagraphs"

@@ -63,6 +63,9 @@ class TrainConfig:
     compile_backend: str = "inductor"
     memory_format: str = "auto"   # channels-last (on CPUs too: bench/results/cpu-20261126-formats.txt)
     optimizer_impl: str = "auto"  # fused (adam on CUDA) or foreach
+    max_autotune: bool = False    # inductor's max-autotune (with CUDA graphs: "max-autotune")
+    pad_channels: bool = False    # the 3-channel convolutions padded to 8 channels (tensor cores)
+    decoder_call: str = "separate"  # "joint": the decoder on [z, z_p] in one call, per-segment BatchNorm
     overlap_allreduce: bool = True
     loader: str = "auto"    # dali on CUDA for image files, pil elsewhere
     workers: int = None     # default: default_workers()
@@ -94,7 +97,7 @@ class TrainConfig:
 # Options that may differ when a run is resumed; every other value comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "loader", "workers", "data_cache", "out", "resume", "log_every", "sample_every",
                        "checkpoint_every", "checkpoint_minutes", "keep_every", "compile", "cuda_graphs", "compile_backend", "memory_format",
-                       "optimizer_impl", "overlap_allreduce")
+                       "optimizer_impl", "max_autotune", "pad_channels", "decoder_call", "overlap_allreduce")
 
 
 class ConfigError(ValueError):
@@ -222,6 +225,17 @@ def add_train_arguments(parser):
       help="the optimizers' implementation: torch's for-loop, foreach (multi-tensor) or fused (Adam only) "
            "kernels (default: auto: fused for adam on CUDA, else foreach); apex is refused: its FusedAdam counts "
            "steps in a host integer that a skipped step cannot restore")
+    a("--max-autotune", action=argparse.BooleanOptionalAction, default=d.max_autotune,
+      help="with --compile (inductor): let inductor time alternative kernels for each matrix product and convolution "
+           "(mode max-autotune, or max-autotune-no-cudagraphs with --no-cuda-graphs); compiling takes minutes "
+           "longer (default: off)")
+    a("--pad-channels", action=argparse.BooleanOptionalAction, default=d.pad_channels,
+      help="pad the convolutions with 3 image channels (the encoder's and discriminator's first, the decoder's "
+           "last) to 8 channels with zeros, a count tensor cores take; the same values (default: off)")
+    a("--decoder-call", choices=("separate", "joint"), default=d.decoder_call,
+      help="the decoder's two passes (on the reconstructions' codes and on the prior codes): separate calls, or "
+           "one joint call over both with each BatchNorm normalising each half with its own statistics and each "
+           "weight's gradient taken per half, as separate calls do (default: separate)")
     a("--no-overlap-allreduce", dest="overlap_allreduce", action="store_false",
       help="multi-process: average all gradients in one all-reduce after the backward pass instead of in "
            "buckets that start while it runs")

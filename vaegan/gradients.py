@@ -51,6 +51,7 @@ class UpdateConfig:
     equilibrium_value: float = 0.68
     margin: float = 0.35
     kernels: str = "torch"         # "torch" (reference losses) or "triton" (the fused kernels)
+    decoder_call: str = "separate"  # "joint": Dec on z and on z_p in one call (models.Decoder.forward_joint)
     ops: object = field(default=None, init=False, repr=False, compare=False)  # kernels.op_set(kernels)
 
     def __post_init__(self):
@@ -100,6 +101,13 @@ def decoder_gan_scale(cfg, batch, fakes):
     which undoes that weight."""
     gan_weight = 1.0 - cfg.gamma if cfg.kind == "vaegan" else 1.0
     return gan_weight * fakes / (cfg.fake_weight * batch)
+
+
+def joint_decoder(cfg, model):
+    """Whether the decoder's two passes (reconstructions, prior samples) are one call: asked for, and
+    both passes exist with gradients (vaegan)."""
+    return cfg.decoder_call == "joint" and cfg.kind == "vaegan" and model.encoder is not None \
+        and model.discriminator is not None
 
 
 def _autocast(x, dtype):
@@ -177,7 +185,10 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
             mu, logvar = enc(x, y)
             z, kl = _reparameterise(cfg, mu, logvar, noise_seed, row_offset)
             w = decoder_llike_weight(cfg)
-            x_rec = dec(scale_grad(z, 1.0 / w), y)  # the encoder receives dL_llike/dz at weight 1 ...
+            if joint_decoder(cfg, model):  # the prior samples' pass is the second half of the same call
+                x_rec, fakes = dec.forward_joint(scale_grad(z, 1.0 / w), z_prior, y)
+            else:
+                x_rec = dec(scale_grad(z, 1.0 / w), y)  # the encoder receives dL_llike/dz at weight 1 ...
             x_rec_llike = scale_grad(x_rec, w)    # ... and the decoder at weight w
             pixel_error = pixel_mse(x_rec, x)
         if dis is not None:
@@ -188,7 +199,8 @@ def routed_losses(model, x, z_prior, cfg, noise_seed, row_offset=0, autocast_dty
                 with torch.no_grad():
                     fakes = prior_pass(z_prior, y)
             else:
-                fakes = prior_pass(z_prior, y)
+                if not joint_decoder(cfg, model):
+                    fakes = prior_pass(z_prior, y)
                 if cfg.dis_sees_recon:  # a separate decoder pass from z.detach(): no GAN gradient reaches the encoder
                     fakes, y_fakes = torch.cat([fakes, extra_pass(dec, z.detach(), y)]), _cat(y, y)
             minimax = cfg.kind != "vae-disl" and cfg.saturating

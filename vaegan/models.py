@@ -7,6 +7,7 @@ import math
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_IMAGE_SIZES = (32, 64)
@@ -102,6 +103,95 @@ class Decoder(nn.Module):
 
     def forward(self, z, y=None):
         return self.body(with_attributes(z, y))
+
+    def forward_joint(self, z, z_other, y=None):
+        """(Dec(z), Dec(z_other)) from one call over both halves (as many rows each), computing what two
+        calls compute: each BatchNorm normalises each half with that half's own statistics, its running
+        statistics follow the first half (the second is an extra pass, gradients.extra_pass), and each
+        weight's gradient is taken per half and the halves summed in fp32 (summed in bf16 inside one
+        product, the likelihood's 1e-4 share of the decoder's gradient would round away: tests/test_precision.py)."""
+        n = z.shape[0]
+        if z_other.shape[0] != n:
+            raise ValueError(f"forward_joint takes halves of equal size, not {n} and {z_other.shape[0]} rows")
+        h = torch.cat([with_attributes(z, y), with_attributes(z_other, y)])
+        for layer in self.body:
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                h = batch_norm_per_half(layer, h)
+            elif isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                h = _WeightGradientPerHalf.apply(h, layer.weight, layer.bias, layer)
+            else:
+                h = layer(h)
+        return h[:n], h[n:]
+
+
+def batch_norm_per_half(norm, h):
+    """`norm` (a training-mode BatchNorm) applied to each half of the batch h with that half's statistics,
+    in fp32; the running statistics are updated from the first half only."""
+    halves = h.to(torch.promote_types(h.dtype, torch.float32)).unflatten(0, (2, -1))  # (2, n, C, ...)
+    dims = [1] + list(range(3, halves.dim()))
+    mean = halves.mean(dims, keepdim=True)
+    var = halves.var(dims, unbiased=False, keepdim=True)
+    affine = (1, -1) + (1,) * (halves.dim() - 3)
+    out = (halves - mean) * torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        out = out * norm.weight.view(affine) + norm.bias.view(affine)
+    if norm.track_running_stats:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            factor = norm.momentum if norm.momentum is not None else 1.0 / norm.num_batches_tracked
+            count = halves[0].numel() // halves.shape[2]
+            norm.running_mean.lerp_(mean[0].flatten(), factor)
+            norm.running_var.lerp_(var[0].flatten() * count / max(count - 1, 1), factor)
+    return out.flatten(0, 1).to(h.dtype)
+
+
+def _layer_call(layer, x, weight, bias):
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    return layer._conv_forward(x, weight, bias) if isinstance(layer, nn.Conv2d) else F.conv_transpose2d(
+        x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+
+
+class _WeightGradientPerHalf(torch.autograd.Function):
+    """A linear, convolution or transposed convolution layer over a batch of two halves, in one call;
+    backward: the input's gradient in one call, the weight's and bias's per half, summed in fp32.
+    Computes in autocast's dtype when autocast is on, as the layer would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            x_c, w_c = x.to(dtype), weight.to(dtype)
+            out = _layer_call(layer, x_c, w_c, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x_c, w_c)
+        ctx.layer, ctx.x_dtype, ctx.w_dtype, ctx.has_bias = layer, x.dtype, weight.dtype, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        layer = ctx.layer
+        grad = grad.to(x.dtype)
+        n = x.shape[0] // 2
+        if isinstance(layer, nn.Linear):
+            grad_x = grad @ w
+            grad_w = [g.t() @ xh for g, xh in ((grad[:n], x[:n]), (grad[n:], x[n:]))]
+            grad_b = [g.sum(0) for g in (grad[:n], grad[n:])]
+        else:
+            transposed = isinstance(layer, nn.ConvTranspose2d)
+            args = (layer.stride, layer.padding, layer.dilation, transposed,
+                    layer.output_padding if transposed else (0, 0), layer.groups)
+            bias_size = [w.shape[1] * layer.groups if transposed else w.shape[0]] if ctx.has_bias else None
+            grad_x = torch.ops.aten.convolution_backward(grad, x, w, bias_size, *args, (True, False, False))[0]
+            grad_w, grad_b = [], []
+            for g, xh in ((grad[:n], x[:n]), (grad[n:], x[n:])):
+                _, gw, gb = torch.ops.aten.convolution_backward(g, xh, w, bias_size, *args, (False, True, ctx.has_bias))
+                grad_w.append(gw)
+                grad_b.append(gb)
+        grad_w = grad_w[0].to(ctx.w_dtype) + grad_w[1].to(ctx.w_dtype)
+        grad_b = grad_b[0].to(ctx.w_dtype) + grad_b[1].to(ctx.w_dtype) if ctx.has_bias else None
+        return grad_x.to(ctx.x_dtype), grad_w, grad_b, None
 
 
 class Discriminator(nn.Module):

@@ -59,6 +59,14 @@ CHECKS = (
     (True, lambda c, m: c.cuda_graphs and c.sync_bn and m.world_size > 1,
      lambda c, m: "--cuda-graphs with --sync-bn across processes would capture NCCL all-reduces in a CUDA graph, "
                   "which is not supported here: drop one of them (--compile alone works with --sync-bn)"),
+    (False, lambda c, m: c.max_autotune and (c.compile is False or c.compile_backend != "inductor"),
+     lambda c, m: "--max-autotune tunes inductor's kernels: it needs --compile with --compile-backend inductor"),
+    (False, lambda c, m: c.decoder_call == "joint" and c.model in ("vae-disl", "vae", "cvae", "gan", "cgan"),
+     lambda c, m: f"--decoder-call joint applies to models whose decoder runs twice with gradients "
+                  f"(vaegan, cvaegan), not {c.model}"),
+    (False, lambda c, m: c.decoder_call == "joint" and c.sync_bn,
+     lambda c, m: "--decoder-call joint normalises each half of its call with that half's own statistics, and "
+                  "--sync-bn takes statistics across processes: drop one of them"),
     (True, lambda c, m: c.compile and c.kernels == "triton" and m.device_type != "cuda",
      lambda c, m: "--compile with --kernels triton needs CUDA (Triton's interpreter cannot be compiled); "
                   "use --kernels torch on the CPU"),

@@ -37,12 +37,21 @@ class StepMode:
     cuda_graphs: bool = False    # with compile: mode "reduce-overhead" (inductor's CUDA graphs)
     channels_last: bool = False
     backend: str = "inductor"    # the tests use "aot_eager" on CPUs (dynamo + AOTAutograd, no code generation)
+    max_autotune: bool = False   # with compile (inductor): kernels chosen by timing alternatives
+
+    def compile_mode(self):
+        """torch.compile's `mode`: None (inductor's default), reduce-overhead (CUDA graphs), or max-autotune
+        (with CUDA graphs) / max-autotune-no-cudagraphs."""
+        if self.max_autotune:
+            return "max-autotune" if self.cuda_graphs else "max-autotune-no-cudagraphs"
+        return "reduce-overhead" if self.cuda_graphs else None
 
     def describe(self):
         if not self.compile:
             mode = "eager"
         else:
-            mode = f"torch.compile ({self.backend}{', CUDA graphs' if self.cuda_graphs else ''})"
+            mode = (f"torch.compile ({self.backend}{', CUDA graphs' if self.cuda_graphs else ''}"
+                    f"{', max-autotune' if self.max_autotune else ''})")
         return f"{mode}, {'channels-last' if self.channels_last else 'contiguous'}"
 
 
@@ -90,7 +99,7 @@ class TrainStep:
         if mode.compile:
             # past dynamo's recompile limit the step would run eager, silently: make that an error
             torch._dynamo.config.fail_on_recompile_limit_hit = True
-            graphs = "reduce-overhead" if mode.cuda_graphs else None
+            graphs = mode.compile_mode()
             self.forward = torch.compile(routed_losses, backend=mode.backend, mode=graphs)
             self.optimizer_steps = {name: torch.compile(opt.step, backend=mode.backend, mode=graphs)
                                     for name, opt in optimizers.items()}
@@ -100,7 +109,7 @@ class TrainStep:
             self.noise = torch.compile(self.noise, backend=mode.backend)
 
     def run_eager(self):
-        self.mode = replace(self.mode, compile=False, cuda_graphs=False)
+        self.mode = replace(self.mode, compile=False, cuda_graphs=False, max_autotune=False)
         self._build()
 
     def compile_now(self, batch, image_shape, attribute_count=0):

@@ -30,7 +30,7 @@ def update_config(cfg):
                         fake_weight=cfg.fake_weight, saturating=cfg.decoder_gan_loss == "minimax",
                         gan_loss_form=cfg.gan_loss_form, dis_sees_recon=cfg.dis_sees_recon,
                         equilibrium=cfg.equilibrium, equilibrium_value=cfg.equilibrium_value, margin=cfg.margin,
-                        kernels=cfg.kernels)
+                        kernels=cfg.kernels, decoder_call=cfg.decoder_call)
 
 
 def build_model(cfg):
@@ -49,7 +49,8 @@ def build_step(cfg, device, ctx=None, attribute_columns=None, stop=None):
     model = build_model(cfg).to(device, torch.float64 if cfg.precision == "fp64" else torch.float32)
     optimizers = build_optimizers(model, cfg, cfg.optimizer_impl, tensor_lr=cfg.compile,
                                   global_batch=cfg.batch_size * ctx.world_size)
-    mode = StepMode(cfg.compile, cfg.cuda_graphs, cfg.memory_format == "channels-last", cfg.compile_backend)
+    mode = StepMode(cfg.compile, cfg.cuda_graphs, cfg.memory_format == "channels-last", cfg.compile_backend,
+                    cfg.max_autotune)
     train_step = TrainStep(model, optimizers, update_config(cfg), torch.bfloat16 if cfg.precision == "bf16" else None,
                            mode, cfg.seed, ctx.rank, ctx.world_size, attribute_columns)
     if ctx.distributed:
@@ -242,7 +243,7 @@ def setup(cfg, ctx, device, saved):
         if distributed.any_rank(failure is not None, ctx, device):  # every process runs the same step
             failure = failure or "on another process"
             train_step.run_eager()
-            cfg = replace(cfg, compile=False, cuda_graphs=False)
+            cfg = replace(cfg, compile=False, cuda_graphs=False, max_autotune=False)
             reasons["compile"] = f"default with CUDA, but compiling failed ({failure}), so eager"
             # a float rate, as a run that never compiled holds it (a tensor rate rounds differently on CUDA)
             reset_learning_rate(optimizers, learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps),
