@@ -1,9 +1,10 @@
+import copy
 import math
 
 import pytest
 import torch
 
-from vaegan.models import VAEGAN, Decoder, Discriminator, Encoder
+from vaegan.models import VAEGAN, Decoder, Discriminator, Encoder, pad_thin_convolutions
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -105,3 +106,31 @@ def test_width_multiplier_scales_every_convolution_and_one_is_the_papers():
     assert narrow.discriminator(x, features_only=True).shape == (2, 64, 8, 8)  # Dis_l: 256 / 4 channels
     assert paper.discriminator(x, features_only=True).shape == (2, 256, 8, 8)
     assert sum(p.numel() for p in narrow.parameters()) < 0.2 * sum(p.numel() for p in paper.parameters())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_padded_thin_convolutions_compute_the_same_values_and_gradients(channels_last):
+    # --pad-channels: the 3-channel convolutions computed with 8 channels (zeros), the same parameters
+    torch.manual_seed(4)
+    model = VAEGAN("cvaegan", 32, 3, latent_size=8, fc_width=16, attribute_names=["A", "B"]).double()
+    padded = copy.deepcopy(model)
+    names = pad_thin_convolutions(padded)
+    assert names == ["encoder.body.0", "decoder.body.10", "discriminator.features.0"]
+    assert padded.state_dict().keys() == model.state_dict().keys()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model, padded = model.to(memory_format=fmt), padded.to(memory_format=fmt)
+    x = (torch.rand(4, 3, 32, 32, dtype=torch.float64) * 2 - 1).contiguous(memory_format=fmt)
+    y = torch.tensor([[1.0, -1.0]] * 4, dtype=torch.float64)
+    outputs = []
+    for m in (model, padded):
+        m.zero_grad()
+        mu, _ = m.encoder(x, y)
+        images = m.decoder(mu, y)
+        loss = m.discriminator(images, y).sum() + images.square().mean()
+        loss.backward()
+        outputs.append((images.detach(), [p.grad for p in m.parameters() if p.grad is not None]))
+    (want, want_grads), (got, got_grads) = outputs
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert len(got_grads) == len(want_grads)
+    for g, w in zip(got_grads, want_grads):  # (the 1e-13: mu's bias, whose gradient a BatchNorm cancels to ~1e-17)
+        assert (g - w).abs().max() <= 1e-10 * w.abs().max() + 1e-13

@@ -1,4 +1,5 @@
 """The training step (vaegan/train_step.py): every mode gives the reference's gradients and the eager optimizers' steps."""
+import json
 import os
 
 import pytest
@@ -292,3 +293,12 @@ def test_max_autotune_is_inductors_mode_with_or_without_cuda_graphs():
                                          compile=True, max_autotune=True, out="unused"), torch.device("cpu"))
     _, _, step = trainer.build_step(cfg, torch.device("cpu"))  # compiles at its first call: not here
     assert step.mode.max_autotune and step.mode.compile_mode() == "max-autotune-no-cudagraphs"
+
+
+def test_train_with_the_step_levers_logs_them(tmp_path):
+    done = run_train(SMALL + ["--steps", "2", "--log-every", "1", "--pad-channels", "--decoder-call", "joint",
+                              "--out", str(tmp_path / "run")])
+    assert done.returncode == 0, done.stderr
+    assert "3-channel convolutions padded to 8 channels, the decoder's two passes in one call" in done.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["pad_channels"] is True and saved["decoder_call"] == "joint"

@@ -58,6 +58,40 @@ def conv_bn_relu(in_ch, out_ch, stride):
     return [conv(in_ch, out_ch, stride, bias=False), nn.BatchNorm2d(out_ch, eps=CONV_BN_EPS), nn.ReLU()]
 
 
+CHANNEL_MULTIPLE = 8  # bf16 tensor-core convolutions take channel counts in multiples of 8
+
+
+class ChannelPaddedConv2d(nn.Conv2d):
+    """A Conv2d computed with its input and output channels padded with zeros to multiples of
+    CHANNEL_MULTIPLE: the same parameters (the padding is made at each call, and its gradient dropped),
+    the same values. For the convolutions with 3 image channels (pad_thin_convolutions)."""
+
+    def forward(self, x):
+        pad_in, pad_out = -self.in_channels % CHANNEL_MULTIPLE, -self.out_channels % CHANNEL_MULTIPLE
+        weight, bias = self.weight, self.bias
+        if pad_in:
+            layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
+            x = F.pad(x, (0, 0, 0, 0, 0, pad_in))
+            x = x if layout is None else x.contiguous(memory_format=layout)
+            weight = F.pad(weight, (0, 0, 0, 0, 0, pad_in))
+        if pad_out:
+            weight = F.pad(weight, (0, 0, 0, 0, 0, 0, 0, pad_out))
+            bias = None if bias is None else F.pad(bias, (0, pad_out))
+        out = self._conv_forward(x, weight, bias)
+        return out[:, :self.out_channels] if pad_out else out
+
+
+def pad_thin_convolutions(model):
+    """Every Conv2d of `model` whose channel counts are not multiples of CHANNEL_MULTIPLE (the paper's: the
+    encoder's and discriminator's first, the decoder's last) computed padded; returns their names."""
+    padded = []
+    for name, m in model.named_modules():
+        if type(m) is nn.Conv2d and (m.in_channels % CHANNEL_MULTIPLE or m.out_channels % CHANNEL_MULTIPLE):
+            m.__class__ = ChannelPaddedConv2d
+            padded.append(name)
+    return padded
+
+
 def check_image_size(image_size):
     if image_size not in SUPPORTED_IMAGE_SIZES:
         raise ValueError(f"image size {image_size} is not supported: the networks take "
@@ -109,7 +143,8 @@ class Decoder(nn.Module):
         calls compute: each BatchNorm normalises each half with that half's own statistics, its running
         statistics follow the first half (the second is an extra pass, gradients.extra_pass), and each
         weight's gradient is taken per half and the halves summed in fp32 (summed in bf16 inside one
-        product, the likelihood's 1e-4 share of the decoder's gradient would round away: tests/test_precision.py)."""
+        product, the likelihood's 1e-4 share of the decoder's gradient would round away: tests/test_precision.py).
+        A ChannelPaddedConv2d runs unpadded here."""
         n = z.shape[0]
         if z_other.shape[0] != n:
             raise ValueError(f"forward_joint takes halves of equal size, not {n} and {z_other.shape[0]} rows")

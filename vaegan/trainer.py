@@ -17,7 +17,7 @@ from .data.cache import CachedLoader, DecodedCache
 from .data.dali import DaliLoader
 from .gradients import STEP_STATS, UpdateConfig
 from .images import SampleGrids
-from .models import VAEGAN, base_kind
+from .models import VAEGAN, base_kind, pad_thin_convolutions
 from .optimizers import build_optimizers, follow_schedule, reset_learning_rate
 from .runlog import RunLog
 from .schedule import learning_rate
@@ -47,6 +47,8 @@ def build_step(cfg, device, ctx=None, attribute_columns=None, stop=None):
     carries `stop`'s request."""
     ctx = ctx or distributed.Context()
     model = build_model(cfg).to(device, torch.float64 if cfg.precision == "fp64" else torch.float32)
+    if cfg.pad_channels:
+        pad_thin_convolutions(model)
     optimizers = build_optimizers(model, cfg, cfg.optimizer_impl, tensor_lr=cfg.compile,
                                   global_batch=cfg.batch_size * ctx.world_size)
     mode = StepMode(cfg.compile, cfg.cuda_graphs, cfg.memory_format == "channels-last", cfg.compile_backend,
