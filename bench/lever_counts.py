@@ -1,6 +1,8 @@
-"""What the step's levers save, counted on a CPU with torch's FlopCounterMode (no GPU needed): FLOPs
-per 64 px image of the routed step (one forward, one routed backward) for the paper's networks,
-and of the work each lever removes. `python bench/lever_counts.py` prints a table.
+"""What the step's levers save, counted on a CPU (no GPU needed): FLOPs per 64 px image of the routed
+step (one forward, one routed backward) for the paper's networks (torch's FlopCounterMode), the
+matrix-product and convolution calls it makes, and the work each lever removes or adds. Counts,
+not timings: each lever's gain in time is for a GPU to measure (bench/run_gpu.sh levers).
+`python bench/lever_counts.py` prints them.
 
 Per-image discriminator layers computed once: the first convolution, its ReLU and the second
 convolution see one image at a time, so the real images' outputs of those layers are taken once
@@ -13,22 +15,101 @@ import os
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vaegan.gradients import UpdateConfig, compute_gradients  # noqa: E402
-from vaegan.models import VAEGAN  # noqa: E402
+from vaegan.models import VAEGAN, pad_thin_convolutions  # noqa: E402
 
 BATCH = 2  # FLOPs per image do not depend on it
 
 
-def routed_flops(kind, saturating):
+def routed_flops(kind, saturating, pad=False, decoder_call="separate"):
     torch.manual_seed(0)
     model = VAEGAN(kind, 64, 3)
+    if pad:
+        pad_thin_convolutions(model)
     x, z_prior = torch.rand(BATCH, 3, 64, 64) * 2 - 1, torch.randn(BATCH, 128)
     with FlopCounterMode(display=False) as counter:
-        compute_gradients(model, x, z_prior, UpdateConfig(kind=kind, saturating=saturating), 5)
+        compute_gradients(model, x, z_prior, UpdateConfig(kind=kind, saturating=saturating, decoder_call=decoder_call), 5)
     return counter.get_total_flops() / BATCH
+
+
+PRODUCTS = {"aten.convolution.default": "convolution", "aten.convolution_backward.default": "convolution backward",
+            "aten.mm.default": "matrix product", "aten.addmm.default": "matrix product"}
+
+
+class ProductCalls(TorchDispatchMode):
+    """Counts matrix products and convolutions, each a kernel on a GPU: a convolution's backward counts
+    one for its input gradient and one for its weight gradient where it computes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) == "aten.convolution_backward.default":
+            self.calls += sum(args[-1][:2])  # output_mask: input, weight, bias
+        else:
+            self.calls += str(func) in PRODUCTS
+        return func(*args, **(kwargs or {}))
+
+
+def product_calls(decoder_call, autocast):
+    torch.manual_seed(0)
+    model = VAEGAN("vaegan", 64, 3)
+    x, z_prior = torch.rand(BATCH, 3, 64, 64) * 2 - 1, torch.randn(BATCH, 128)
+    with ProductCalls() as counter:
+        compute_gradients(model, x, z_prior, UpdateConfig(decoder_call=decoder_call), 5,
+                          autocast_dtype=torch.bfloat16 if autocast else None)
+    return counter.calls
+
+
+def joint_decoder_counts():
+    """--decoder-call joint: the same FLOPs; fewer, larger products (forward and input gradient over both
+    halves at once; weight gradients stay per half), and each decoder weight cast to bf16 once, not twice."""
+    separate, joint = product_calls("separate", False), product_calls("joint", False)
+    flops = routed_flops("vaegan", True), routed_flops("vaegan", True, decoder_call="joint")
+    decoder_params = sum(p.numel() for p in VAEGAN("vaegan", 64, 3).decoder.parameters() if p.dim() > 1)
+    return (f"decoder's two passes in one call (--decoder-call joint): {separate} -> {joint} matrix-product and "
+            f"convolution calls per step (the decoder's forward and input-gradient products over 2B rows instead "
+            f"of two over B; its weight gradients stay per half); routed step {flops[0] / 1e9:.3f} -> "
+            f"{flops[1] / 1e9:.3f} GFLOP/image (the same work, but for the first layer's input gradient on the prior "
+            f"half, which two calls skip); under bf16 autocast each of the decoder's "
+            f"{decoder_params / 1e6:.2f}M weights is cast once instead of twice: {decoder_params * 6 / 1e6:.1f} MB "
+            f"per step not moved (read fp32, write bf16), whatever the batch")
+
+
+def padding_counts():
+    """--pad-channels: FLOPs added by computing the 3-channel convolutions with 8 channels."""
+    before, after = routed_flops("vaegan", True), routed_flops("vaegan", True, pad=True)
+    return (f"3-channel convolutions padded to 8 (--pad-channels): routed step {before / 1e9:.3f} -> "
+            f"{after / 1e9:.3f} GFLOP/image (+{(after - before) / 1e6:.1f} MFLOP, +{(after / before - 1) * 100:.2f}%, "
+            f"of zeros) in exchange for channel counts the tensor cores take: a gain only a GPU can show")
+
+
+def batchnorm_relu_traffic():
+    """BatchNorm + ReLU fused into the neighbouring convolutions (not implemented): what it would save, as
+    bytes of bf16 activations per image. Unfused, each training-mode BatchNorm reads its convolution's
+    output for the statistics and again to normalise, writes the normalised, rectified activation, and
+    the next convolution reads it back; fused (statistics in the convolution's epilogue, normalisation
+    and ReLU in the next one's prologue) the output is written once and read once. Forward only."""
+    torch.manual_seed(0)
+    model = VAEGAN("vaegan", 64, 3)
+    elements = []
+    hooks = [m.register_forward_hook(lambda m, i, o: elements.append(o.numel()))
+             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    x, z_prior = torch.rand(BATCH, 3, 64, 64) * 2 - 1, torch.randn(BATCH, 128)
+    compute_gradients(model, x, z_prior, UpdateConfig(), 5)
+    for h in hooks:
+        h.remove()
+    per_image = sum(elements) / BATCH
+    saved = per_image * 2 * 2  # one read and one write of 2 bytes per element fewer
+    return (f"BatchNorm + ReLU fused into the convolutions (not implemented): {len(elements) // 1} BatchNorm calls "
+            f"per step over {per_image / 1e6:.2f}M activations per image; fused, the forward would move about "
+            f"{saved / 1e6:.1f} MB per image less ({saved * 512 / 1e9:.2f} GB per step at batch 512, "
+            f"{saved * 512 / 4.8e12 * 1e3:.2f} ms at 4.8 TB/s), and the backward about as much again")
 
 
 def per_image_layers_flops():
@@ -52,3 +133,6 @@ if __name__ == "__main__":
         print(f"{kind}, {'minimax' if saturating else 'non-saturating'} decoder term: routed step {after / 1e9:.3f} "
               f"GFLOP/image; the lever saves {saved / 1e6:.1f} MFLOP/image ({saved / (after + saved) * 100:.2f}% of "
               f"{(after + saved) / 1e9:.3f} before)")
+    print(joint_decoder_counts())
+    print(padding_counts())
+    print(batchnorm_relu_traffic())
