@@ -48,10 +48,10 @@ def low_precision():
     return "bf16" if CUDA or options.cpu_has_native_bf16() else "fp32"
 
 
-def step_config(mode, batch, kernels=None, width=WIDTH):
+def step_config(mode, batch, kernels=None, width=WIDTH, levers=None):
     """The resolved TrainConfig of one of our modes ("fair", "eager", "fastest") at `batch`; `kernels`
     ("torch" | "triton") overrides the mode's losses (the profile compares the two); `width`: the
-    networks' channel-width multiplier."""
+    networks' channel-width multiplier; `levers`: other TrainConfig values (bench/test_levers.py)."""
     settings = {
         "fair": dict(precision=low_precision(), memory_format="channels-last", compile=False, cuda_graphs=False,
                      kernels="torch"),
@@ -62,6 +62,7 @@ def step_config(mode, batch, kernels=None, width=WIDTH):
     }[mode]
     if kernels is not None:
         settings["kernels"] = kernels
+    settings.update(levers or {})
     cfg = TrainConfig(data="generated", image_size=SIZE, channels=CHANNELS, latent_size=LATENT, fc_width=FC,
                       width=width, batch_size=batch, steps=1, gamma=GAMMA, lr_schedule="constant", augment="none",
                       device=DEVICE, out="unused", optimizer_impl="foreach", compile_backend="inductor" if CUDA else "aot_eager",
@@ -74,7 +75,7 @@ def random_images(batch):
     return torch.rand(batch, CHANNELS, SIZE, SIZE, device=DEVICE) * 2 - 1  # random images: never zeros
 
 
-def build(mode, batch, kernels=None, width=WIDTH):
+def build(mode, batch, kernels=None, width=WIDTH, levers=None):
     """(one training step as a function of nothing, the model, {what the mode is}). `cudnn.benchmark`
     is on in every mode. Our modes are the trainer's own step (trainer.build_step, options resolved
     by options.resolve) on one batch of random images, run as the training loop runs it: noise,
@@ -97,7 +98,7 @@ def build(mode, batch, kernels=None, width=WIDTH):
                              "optimizer_impl": "for-loop", "width": width}
     if mode == "fastest":
         torch._dynamo.reset()  # each case compiles afresh: no earlier case's graphs count against the recompile limit
-    cfg = step_config(mode, batch, kernels, width)
+    cfg = step_config(mode, batch, kernels, width, levers)
     model, _, train_step = trainer.build_step(cfg, torch.device(DEVICE))
     x = random_images(batch)
     steps = iter(range(10 ** 9))
@@ -107,7 +108,7 @@ def build(mode, batch, kernels=None, width=WIDTH):
     return step, model, {"mode": mode, "description": DESCRIPTIONS[mode], "precision": cfg.precision,
                          "memory_format": cfg.memory_format, "kernels": cfg.kernels, "compile": cfg.compile,
                          "cuda_graphs": cfg.cuda_graphs, "compile_backend": cfg.compile_backend if cfg.compile else None,
-                         "optimizer_impl": cfg.optimizer_impl, "width": cfg.width}
+                         "optimizer_impl": cfg.optimizer_impl, "width": cfg.width, "levers": levers or {}}
 
 
 def baseline_step(model, x, z_prior, optimizers, gamma):

@@ -6,6 +6,8 @@
 #   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each):
 #                                                  # port, fair, eager, fastest, event-timed (bench/test_step.py)
 #   bash bench/run_gpu.sh profile                  # kernel tables at batch 64 and 512 (PROFILE_BATCHES=64: one)
+#   bash bench/run_gpu.sh levers64                 # then levers512: each lever of the step against the fastest
+#                                                  # step without it (bench/test_levers.py; VAEGAN_BENCH_LEVERS=a,b)
 #   bash bench/run_gpu.sh train                    # 300 real steps, fastest configuration
 #   bash bench/run_gpu.sh precision                # held-out learning curves: fastest vs eager fp32 (and the VAE)
 #   bash bench/run_gpu.sh loop                     # the whole loop against the bare step (bench/test_loop.py)
@@ -90,7 +92,7 @@ kerneltests() {  # the fused kernels against their references, compiled for the 
 tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 too), routing in every mode, the
   # decoder's likelihood gradient in bf16 under inductor (the CPU learning comparison is left to the precision stage)
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gradients.py tests/test_train_step.py tests/test_loop.py \
-    tests/test_precision.py -k "not learns_what_fp32"
+    tests/test_precision.py tests/test_models.py -k "not learns_what_fp32"
 }
 
 bench() {  # $1: stage name (for the json), the rest: pytest arguments
@@ -125,8 +127,8 @@ precision() {  # the fast path learns what the reference path learns: the same s
 export -f preflight kerneltests tests bench train precision
 export out stamp device cores limit
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n 2,21p "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 profile train precision loop)
+[ ${#stages[@]} -eq 0 ] && { sed -n 2,23p "$0"; exit 2; }
+[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 levers64 levers512 profile train precision loop)
 for stage in "${stages[@]}"; do
   case $stage in
     preflight) run_stage preflight preflight ;;
@@ -135,11 +137,12 @@ for stage in "${stages[@]}"; do
     kernels) run_stage kernels bench kernels bench/test_kernels.py ;;
     loaders) run_stage loaders bench loaders bench/test_loaders.py ;;
     step64|step256|step512) VAEGAN_BENCH_BATCHES=${stage#step} run_stage "$stage" bench "$stage" bench/test_step.py ;;
+    levers64|levers512) VAEGAN_BENCH_BATCHES=${stage#levers} run_stage "$stage" bench "$stage" bench/test_levers.py ;;
     profile) run_stage profile python3 bench/profile_step.py --batches "${PROFILE_BATCHES:-64,512}" --out "$out" \
       --prefix "gpu-$stamp-$device-profile" ;;
     train) run_stage train train ;;
     precision) run_stage precision precision ;;
     loop) run_stage loop bench loop bench/test_loop.py -s ;;
-    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 profile train precision loop all)"; exit 2 ;;
+    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 levers64 levers512 profile train precision loop all)"; exit 2 ;;
   esac
 done

@@ -66,12 +66,13 @@ def routed_flops_per_image(batch):
     return _routed_flops[batch]
 
 
-def measure(mode, batch, benchmark=None):
-    """The figures of one mode at one batch, timed once (in `benchmark` when given)."""
+def measure(mode, batch, benchmark=None, levers=None):
+    """The figures of one mode at one batch (with other TrainConfig values: `levers`), timed once (in
+    `benchmark` when given)."""
     free_device_memory()
     start_bytes = memory_window()  # compilation, cudnn's autotuning and CUDA-graph recording fall inside
     before = compile_counters()
-    step, model, info = build(mode, batch)
+    step, model, info = build(mode, batch, levers=levers)
     for _ in range(WARMUP + (1 if mode == "fastest" and not CUDA else 0)):
         step()
     sync()
