@@ -62,11 +62,11 @@ def step_config(mode, batch, kernels=None, width=WIDTH, levers=None):
     }[mode]
     if kernels is not None:
         settings["kernels"] = kernels
+    settings = dict(optimizer_impl="foreach", compile_backend="inductor" if CUDA else "aot_eager", **settings)
     settings.update(levers or {})
     cfg = TrainConfig(data="generated", image_size=SIZE, channels=CHANNELS, latent_size=LATENT, fc_width=FC,
                       width=width, batch_size=batch, steps=1, gamma=GAMMA, lr_schedule="constant", augment="none",
-                      device=DEVICE, out="unused", optimizer_impl="foreach", compile_backend="inductor" if CUDA else "aot_eager",
-                      **settings)
+                      device=DEVICE, out="unused", **settings)
     cfg, _ = options.resolve(cfg, torch.device(DEVICE))
     return cfg
 

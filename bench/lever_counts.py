@@ -68,7 +68,7 @@ def product_calls(decoder_call, autocast):
 
 def joint_decoder_counts():
     """--decoder-call joint: the same FLOPs; fewer, larger products (forward and input gradient over both
-    halves at once; weight gradients stay per half), and each decoder weight cast to bf16 once, not twice."""
+    halves at once; weight gradients stay per half)."""
     separate, joint = product_calls("separate", False), product_calls("joint", False)
     flops = routed_flops("vaegan", True), routed_flops("vaegan", True, decoder_call="joint")
     decoder_params = sum(p.numel() for p in VAEGAN("vaegan", 64, 3).decoder.parameters() if p.dim() > 1)
@@ -76,9 +76,10 @@ def joint_decoder_counts():
             f"convolution calls per step (the decoder's forward and input-gradient products over 2B rows instead "
             f"of two over B; its weight gradients stay per half); routed step {flops[0] / 1e9:.3f} -> "
             f"{flops[1] / 1e9:.3f} GFLOP/image (the same work, but for the first layer's input gradient on the prior "
-            f"half, which two calls skip); under bf16 autocast each of the decoder's "
-            f"{decoder_params / 1e6:.2f}M weights is cast once instead of twice: {decoder_params * 6 / 1e6:.1f} MB "
-            f"per step not moved (read fp32, write bf16), whatever the batch")
+            f"half, which two calls skip); in eager bf16 each of the decoder's "
+            f"{decoder_params / 1e6:.2f}M weights is cast once instead of twice ({decoder_params * 6 / 1e6:.1f} MB per "
+            f"step not moved; a compiled step's graph casts them once either way), against fp32 copies of its "
+            f"activations that the per-half BatchNorm makes in eager mode (inductor fuses them away)")
 
 
 def padding_counts():
@@ -105,9 +106,9 @@ def batchnorm_relu_traffic():
     for h in hooks:
         h.remove()
     per_image = sum(elements) / BATCH
-    saved = per_image * 2 * 2  # one read and one write of 2 bytes per element fewer
-    return (f"BatchNorm + ReLU fused into the convolutions (not implemented): {len(elements) // 1} BatchNorm calls "
-            f"per step over {per_image / 1e6:.2f}M activations per image; fused, the forward would move about "
+    saved = per_image * 2 * 2  # at least one read and one write of 2 bytes per element fewer
+    return (f"BatchNorm + ReLU fused into the convolutions (not implemented): {len(elements)} BatchNorm calls "
+            f"per step over {per_image / 1e6:.2f}M activations per image; fused, the forward would move at least "
             f"{saved / 1e6:.1f} MB per image less ({saved * 512 / 1e9:.2f} GB per step at batch 512, "
             f"{saved * 512 / 4.8e12 * 1e3:.2f} ms at 4.8 TB/s), and the backward about as much again")
 

@@ -4,7 +4,7 @@ import torch
 
 from kernels import philox
 from kernels import reference as losses
-from vaegan.models import VAEGAN
+from vaegan.models import VAEGAN, pad_thin_convolutions
 from vaegan.decisions import equilibrium_decisions
 from vaegan.gradients import UpdateConfig, compute_gradients, compute_gradients_reference, network_losses
 
@@ -101,10 +101,13 @@ def test_conditional_models_route_exactly_too(variant, kernel_set):
     assert not torch.allclose(grads(model)[first], want[first])
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_the_joint_decoder_call_computes_what_two_calls_compute(dtype):
-    # gradients, stats and every BatchNorm's running statistics (from the reconstructions' half only)
+@pytest.mark.parametrize("dtype,padded", [(torch.float64, False), (torch.float32, False), (torch.float64, True)])
+def test_the_joint_decoder_call_computes_what_two_calls_compute(dtype, padded):
+    # gradients, stats and every BatchNorm's running statistics (from the reconstructions' half only);
+    # with --pad-channels the decoder's last convolution is padded in the joint call too
     model, x, _, z_prior = make("vaegan", seed=8, dtype=dtype)
+    if padded:
+        assert "decoder.body.10" in pad_thin_convolutions(model)
     start = {n: b.clone() for n, b in model.named_buffers()}
     results = []
     for decoder_call in ("separate", "joint"):

@@ -73,11 +73,12 @@ def joint_likelihood_gradient_kept(autocast_dtype, options, monkeypatch):
     return float(along / sum((w * w).sum() for w in want))
 
 
-def test_the_joint_decoder_call_keeps_the_likelihood_gradient_in_bf16(monkeypatch):
-    # one call over [z, z_p]: the weight gradients are still taken per half (models.Decoder.forward_joint)
-    # (eager: tests/test_gradients.py holds the compiled joint call to the reference)
-    assert joint_likelihood_gradient_kept(None, StepMode(), monkeypatch) > 0.99
-    kept = joint_likelihood_gradient_kept(torch.bfloat16, StepMode(), monkeypatch)
+@pytest.mark.parametrize("options", MODES[::2], ids=lambda m: m.describe().replace(" ", ""))
+def test_the_joint_decoder_call_keeps_the_likelihood_gradient_in_bf16(options, monkeypatch):
+    # one call over [z, z_p]: the weight gradients are still taken per half (models.Decoder.forward_joint);
+    # eager, compiled (AOTAutograd's trace) and, on a GPU, inductor
+    assert joint_likelihood_gradient_kept(None, options, monkeypatch) > 0.99
+    kept = joint_likelihood_gradient_kept(torch.bfloat16, options, monkeypatch)
     assert kept >= 0.9, f"bf16 keeps {kept:.1%} of the decoder's likelihood gradient with --decoder-call joint"
 
 

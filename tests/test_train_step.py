@@ -32,10 +32,11 @@ def reference_grads(model, x, z_prior, cfg, seed, attributes=None):
     return grads(model)
 
 
-def test_compiled_step_with_inductor_gives_the_reference_gradients():
+@pytest.mark.parametrize("decoder_call", ["separate", "joint"])
+def test_compiled_step_with_inductor_gives_the_reference_gradients(decoder_call):
     # Real code generation (inductor's C++ backend on a CPU): the routed backward survives compilation.
     model, x, _, z_prior = make("vaegan", seed=21, dtype=torch.float32)
-    cfg = UpdateConfig(gamma=1e-3)
+    cfg = UpdateConfig(gamma=1e-3, decoder_call=decoder_call)
     step = TrainStep(model, optimizers(model, tensor_lr=True), cfg, None, StepMode(compile=True, channels_last=True))
     for seed in (NOISE_SEED, NOISE_SEED + 1):  # a new seed every step: data, not a recompile
         step.gradients(x, z_prior, seed)
@@ -299,6 +300,6 @@ def test_train_with_the_step_levers_logs_them(tmp_path):
     done = run_train(SMALL + ["--steps", "2", "--log-every", "1", "--pad-channels", "--decoder-call", "joint",
                               "--out", str(tmp_path / "run")])
     assert done.returncode == 0, done.stderr
-    assert "3-channel convolutions padded to 8 channels, the decoder's two passes in one call" in done.stderr
+    assert "thin convolutions padded to multiples of 8 channels, the decoder's two passes in one call" in done.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["pad_channels"] is True and saved["decoder_call"] == "joint"

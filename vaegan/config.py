@@ -230,8 +230,10 @@ def add_train_arguments(parser):
            "(mode max-autotune, or max-autotune-no-cudagraphs with --no-cuda-graphs); compiling takes minutes "
            "longer (default: off)")
     a("--pad-channels", action=argparse.BooleanOptionalAction, default=d.pad_channels,
-      help="pad the convolutions with 3 image channels (the encoder's and discriminator's first, the decoder's "
-           "last) to 8 channels with zeros, a count tensor cores take; the same values (default: off)")
+      help="compute the convolutions whose channel counts are not multiples of 8 (the encoder's and "
+           "discriminator's first, with the image's 3 channels and a conditional model's attributes, and the "
+           "decoder's last) with channels of zeros up to a multiple of 8, a count tensor cores take; the same "
+           "values (default: off)")
     a("--decoder-call", choices=("separate", "joint"), default=d.decoder_call,
       help="the decoder's two passes (on the reconstructions' codes and on the prior codes): separate calls, or "
            "one joint call over both with each BatchNorm normalising each half with its own statistics and each "

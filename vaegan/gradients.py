@@ -55,6 +55,8 @@ class UpdateConfig:
     ops: object = field(default=None, init=False, repr=False, compare=False)  # kernels.op_set(kernels)
 
     def __post_init__(self):
+        if self.decoder_call not in ("separate", "joint"):
+            raise ValueError(f"decoder_call {self.decoder_call!r} is not 'separate' or 'joint'")
         self.ops = kernels.op_set(self.kernels, self.gan_loss_form)
 
 

@@ -82,11 +82,12 @@ class ChannelPaddedConv2d(nn.Conv2d):
 
 
 def pad_thin_convolutions(model):
-    """Every Conv2d of `model` whose channel counts are not multiples of CHANNEL_MULTIPLE (the paper's: the
-    encoder's and discriminator's first, the decoder's last) computed padded; returns their names."""
+    """Every (ungrouped) Conv2d of `model` whose channel counts are not multiples of CHANNEL_MULTIPLE (the
+    paper's: the encoder's and discriminator's first, with the image's 3 channels plus a conditional model's
+    attributes, and the decoder's last) computed padded; returns their names."""
     padded = []
     for name, m in model.named_modules():
-        if type(m) is nn.Conv2d and (m.in_channels % CHANNEL_MULTIPLE or m.out_channels % CHANNEL_MULTIPLE):
+        if type(m) is nn.Conv2d and m.groups == 1 and (m.in_channels % CHANNEL_MULTIPLE or m.out_channels % CHANNEL_MULTIPLE):
             m.__class__ = ChannelPaddedConv2d
             padded.append(name)
     return padded
@@ -144,7 +145,7 @@ class Decoder(nn.Module):
         statistics follow the first half (the second is an extra pass, gradients.extra_pass), and each
         weight's gradient is taken per half and the halves summed in fp32 (summed in bf16 inside one
         product, the likelihood's 1e-4 share of the decoder's gradient would round away: tests/test_precision.py).
-        A ChannelPaddedConv2d runs unpadded here."""
+        A ChannelPaddedConv2d is padded here too. Training mode only."""
         n = z.shape[0]
         if z_other.shape[0] != n:
             raise ValueError(f"forward_joint takes halves of equal size, not {n} and {z_other.shape[0]} rows")
@@ -162,6 +163,8 @@ class Decoder(nn.Module):
 def batch_norm_per_half(norm, h):
     """`norm` (a training-mode BatchNorm) applied to each half of the batch h with that half's statistics,
     in fp32; the running statistics are updated from the first half only."""
+    if not norm.training:
+        raise RuntimeError("batch_norm_per_half normalises with batch statistics: the BatchNorm must be in training mode")
     halves = h.to(torch.promote_types(h.dtype, torch.float32)).unflatten(0, (2, -1))  # (2, n, C, ...)
     dims = [1] + list(range(3, halves.dim()))
     mean = halves.mean(dims, keepdim=True)
@@ -173,7 +176,7 @@ def batch_norm_per_half(norm, h):
     if norm.track_running_stats:
         with torch.no_grad():
             norm.num_batches_tracked.add_(1)
-            factor = norm.momentum if norm.momentum is not None else 1.0 / norm.num_batches_tracked
+            factor = norm.momentum if norm.momentum is not None else (1.0 / norm.num_batches_tracked).to(mean.dtype)
             count = halves[0].numel() // halves.shape[2]
             norm.running_mean.lerp_(mean[0].flatten(), factor)
             norm.running_var.lerp_(var[0].flatten() * count / max(count - 1, 1), factor)
@@ -183,30 +186,49 @@ def batch_norm_per_half(norm, h):
 def _layer_call(layer, x, weight, bias):
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, bias)
-    return layer._conv_forward(x, weight, bias) if isinstance(layer, nn.Conv2d) else F.conv_transpose2d(
-        x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+    if isinstance(layer, nn.Conv2d):
+        return nn.Conv2d._conv_forward(layer, x, weight, bias)  # (unpadded: the caller pads)
+    return F.conv_transpose2d(x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups,
+                              layer.dilation)
+
+
+def _channel_pads(layer):
+    """(input, output) channels of zeros a ChannelPaddedConv2d adds; (0, 0) for other layers."""
+    if not isinstance(layer, ChannelPaddedConv2d):
+        return 0, 0
+    return -layer.in_channels % CHANNEL_MULTIPLE, -layer.out_channels % CHANNEL_MULTIPLE
 
 
 class _WeightGradientPerHalf(torch.autograd.Function):
     """A linear, convolution or transposed convolution layer over a batch of two halves, in one call;
-    backward: the input's gradient in one call, the weight's and bias's per half, summed in fp32.
-    Computes in autocast's dtype when autocast is on, as the layer would."""
+    backward: the input's gradient in one call, the weight's and bias's per half, summed in the weight's
+    dtype. Computes in autocast's dtype when autocast is on, as the layer would, and padded as a
+    ChannelPaddedConv2d is."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        pad_in, pad_out = _channel_pads(layer)
         with torch.autocast(device, enabled=False):
             x_c, w_c = x.to(dtype), weight.to(dtype)
-            out = _layer_call(layer, x_c, w_c, None if bias is None else bias.to(dtype))
+            b_c = None if bias is None else bias.to(dtype)
+            if pad_in:
+                x_c, w_c = F.pad(x_c, (0, 0, 0, 0, 0, pad_in)), F.pad(w_c, (0, 0, 0, 0, 0, pad_in))
+            if pad_out:
+                w_c = F.pad(w_c, (0, 0, 0, 0, 0, 0, 0, pad_out))
+                b_c = None if b_c is None else F.pad(b_c, (0, pad_out))
+            out = _layer_call(layer, x_c, w_c, b_c)
         ctx.save_for_backward(x_c, w_c)
         ctx.layer, ctx.x_dtype, ctx.w_dtype, ctx.has_bias = layer, x.dtype, weight.dtype, bias is not None
-        return out
+        ctx.pads, ctx.weight_shape = (pad_in, pad_out), weight.shape
+        return out[:, :out.shape[1] - pad_out] if pad_out else out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        layer = ctx.layer
+        layer, (pad_in, pad_out) = ctx.layer, ctx.pads
         grad = grad.to(x.dtype)
         n = x.shape[0] // 2
         if isinstance(layer, nn.Linear):
@@ -214,6 +236,8 @@ class _WeightGradientPerHalf(torch.autograd.Function):
             grad_w = [g.t() @ xh for g, xh in ((grad[:n], x[:n]), (grad[n:], x[n:]))]
             grad_b = [g.sum(0) for g in (grad[:n], grad[n:])]
         else:
+            if pad_out:
+                grad = F.pad(grad, (0, 0, 0, 0, 0, pad_out))
             transposed = isinstance(layer, nn.ConvTranspose2d)
             args = (layer.stride, layer.padding, layer.dilation, transposed,
                     layer.output_padding if transposed else (0, 0), layer.groups)
@@ -224,8 +248,10 @@ class _WeightGradientPerHalf(torch.autograd.Function):
                 _, gw, gb = torch.ops.aten.convolution_backward(g, xh, w, bias_size, *args, (False, True, ctx.has_bias))
                 grad_w.append(gw)
                 grad_b.append(gb)
-        grad_w = grad_w[0].to(ctx.w_dtype) + grad_w[1].to(ctx.w_dtype)
-        grad_b = grad_b[0].to(ctx.w_dtype) + grad_b[1].to(ctx.w_dtype) if ctx.has_bias else None
+        out_channels, in_channels = ctx.weight_shape[:2]
+        grad_w = (grad_w[0].to(ctx.w_dtype) + grad_w[1].to(ctx.w_dtype))[:out_channels, :in_channels]
+        grad_b = (grad_b[0].to(ctx.w_dtype) + grad_b[1].to(ctx.w_dtype))[:out_channels] if ctx.has_bias else None
+        grad_x = grad_x[:, :grad_x.shape[1] - pad_in] if pad_in else grad_x
         return grad_x.to(ctx.x_dtype), grad_w, grad_b, None
 
 

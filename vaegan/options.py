@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 
 from .config import ConfigError
-from .models import CONDITIONAL_KINDS
+from .models import CONDITIONAL_KINDS, base_kind
 
 # Decided at a run's start and kept for its life: a resumed run takes them from its checkpoint. The
 # other `auto` values are decided again on each start, for the machine it runs on.
@@ -61,7 +61,7 @@ CHECKS = (
                   "which is not supported here: drop one of them (--compile alone works with --sync-bn)"),
     (False, lambda c, m: c.max_autotune and (c.compile is False or c.compile_backend != "inductor"),
      lambda c, m: "--max-autotune tunes inductor's kernels: it needs --compile with --compile-backend inductor"),
-    (False, lambda c, m: c.decoder_call == "joint" and c.model in ("vae-disl", "vae", "cvae", "gan", "cgan"),
+    (False, lambda c, m: c.decoder_call == "joint" and base_kind(c.model) != "vaegan",
      lambda c, m: f"--decoder-call joint applies to models whose decoder runs twice with gradients "
                   f"(vaegan, cvaegan), not {c.model}"),
     (False, lambda c, m: c.decoder_call == "joint" and c.sync_bn,

@@ -62,7 +62,7 @@ class RunLog:
                   f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
         self.line(f"vaegan: step {run.train_step.mode.describe()} ({why['compile']}), optimizers {cfg.optimizer_impl} "
                   f"({why['optimizer_impl']})"
-                  + (", 3-channel convolutions padded to 8 channels" if cfg.pad_channels else "")
+                  + (", thin convolutions padded to multiples of 8 channels" if cfg.pad_channels else "")
                   + (", the decoder's two passes in one call" if cfg.decoder_call == "joint" else "")
                   + (f", gradients averaged {'in buckets during the backward pass' if cfg.overlap_allreduce else 'after the backward pass'}"
                      if ctx.distributed else ""))
