@@ -17,8 +17,11 @@ On a CPU it is bf16 where the CPU has bf16 instructions, fp32 where bf16 would b
 
 `fastest`: bf16, torch.compile (inductor) with CUDA graphs, the fused Triton losses, channels-last.
 On a CPU: bf16 or fp32 as for `fair`, compiled with the "aot_eager" backend, no graphs, the
-reference losses (the Triton interpreter would time Python).
+reference losses (the Triton interpreter would time Python). Its RMSprop is foreach, or
+VAEGAN_BENCH_OPTIMIZER_IMPL's (fused: the masked RMSprop kernel; bench/run_gpu.sh optimizer64).
 """
+import os
+
 import torch
 
 from kernels import reference as losses
@@ -33,6 +36,7 @@ SIZE, CHANNELS = (64, 3) if CUDA else (32, 1)
 LATENT, FC = (128, 1024) if CUDA else (16, 64)
 WIDTH = 1.0  # the paper's channel widths; the CPU smoke tests narrow them (build's `width`)
 GAMMA = 1e-6
+FASTEST_OPTIMIZER_IMPL = os.environ.get("VAEGAN_BENCH_OPTIMIZER_IMPL", "foreach")
 
 MODES = ("port", "fair", "eager", "fastest")
 DESCRIPTIONS = {
@@ -64,7 +68,8 @@ def step_config(mode, batch, kernels=None, width=WIDTH):
         settings["kernels"] = kernels
     cfg = TrainConfig(data="generated", image_size=SIZE, channels=CHANNELS, latent_size=LATENT, fc_width=FC,
                       width=width, batch_size=batch, steps=1, gamma=GAMMA, lr_schedule="constant", augment="none",
-                      device=DEVICE, out="unused", optimizer_impl="foreach", compile_backend="inductor" if CUDA else "aot_eager",
+                      device=DEVICE, out="unused", compile_backend="inductor" if CUDA else "aot_eager",
+                      optimizer_impl=FASTEST_OPTIMIZER_IMPL if mode == "fastest" else "foreach",
                       **settings)
     cfg, _ = options.resolve(cfg, torch.device(DEVICE))
     return cfg

@@ -5,6 +5,8 @@
 #   bash bench/run_gpu.sh kernels loaders          # the next
 #   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each):
 #                                                  # port, fair, eager, fastest, event-timed (bench/test_step.py)
+#   bash bench/run_gpu.sh optimizer64              # the fastest step at 64 with foreach RMSprop, then with the
+#                                                  # fused masked RMSprop kernel (--optimizer-impl fused)
 #   bash bench/run_gpu.sh profile                  # kernel tables at batch 64 and 512 (PROFILE_BATCHES=64: one)
 #   bash bench/run_gpu.sh train                    # 300 real steps, fastest configuration
 #   bash bench/run_gpu.sh precision                # held-out learning curves: fastest vs eager fp32 (and the VAE)
@@ -99,6 +101,14 @@ bench() {  # $1: stage name (for the json), the rest: pytest arguments
     --benchmark-json="$out/gpu-$stamp-$device-$stage.json" --benchmark-columns=median,rounds,iterations
 }
 
+optimizers() {  # $1: the batch. The fastest step, foreach RMSprop then the fused masked RMSprop kernel, one json each
+  local impl rc=0
+  for impl in foreach fused; do
+    VAEGAN_BENCH_BATCHES=$1 VAEGAN_BENCH_OPTIMIZER_IMPL=$impl bench "optimizer$1-$impl" bench/test_step.py -k fastest || rc=$?
+  done
+  return $rc
+}
+
 train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs: the user's command, its defaults
   # (bf16, compiled, CUDA graphs, the authors' augmentation batched on the GPU, the decoded cache)
   local data=.cache/celeba-like
@@ -122,11 +132,11 @@ precision() {  # the fast path learns what the reference path learns: the same s
     --json "$out/gpu-$stamp-$device-precision.json" --md "$out/gpu-$stamp-$device-precision.md"
 }
 
-export -f preflight kerneltests tests bench train precision
+export -f preflight kerneltests tests bench optimizers train precision
 export out stamp device cores limit
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n 2,21p "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 profile train precision loop)
+[ ${#stages[@]} -eq 0 ] && { sed -n 2,23p "$0"; exit 2; }
+[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 optimizer64 profile train precision loop)
 for stage in "${stages[@]}"; do
   case $stage in
     preflight) run_stage preflight preflight ;;
@@ -135,11 +145,12 @@ for stage in "${stages[@]}"; do
     kernels) run_stage kernels bench kernels bench/test_kernels.py ;;
     loaders) run_stage loaders bench loaders bench/test_loaders.py ;;
     step64|step256|step512) VAEGAN_BENCH_BATCHES=${stage#step} run_stage "$stage" bench "$stage" bench/test_step.py ;;
+    optimizer64|optimizer512) run_stage "$stage" optimizers "${stage#optimizer}" ;;
     profile) run_stage profile python3 bench/profile_step.py --batches "${PROFILE_BATCHES:-64,512}" --out "$out" \
       --prefix "gpu-$stamp-$device-profile" ;;
     train) run_stage train train ;;
     precision) run_stage precision precision ;;
     loop) run_stage loop bench loop bench/test_loop.py -s ;;
-    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 profile train precision loop all)"; exit 2 ;;
+    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 optimizer64 optimizer512 profile train precision loop all)"; exit 2 ;;
   esac
 done
