@@ -1,6 +1,6 @@
 """What the step's levers save, counted on a CPU (no GPU needed): FLOPs per 64 px image of the routed
 step (one forward, one routed backward) for the paper's networks (torch's FlopCounterMode), the
-matrix-product and convolution calls it makes, and the work each lever removes or adds. Counts,
+matrix-product and convolution calls it makes, and the work each lever removes or adds, and the bytes the optimizer steps move. Counts,
 not timings: each lever's gain in time is for a GPU to measure (bench/run_gpu.sh levers).
 `python bench/lever_counts.py` prints them.
 
@@ -123,6 +123,51 @@ def per_image_layers_flops():
     return counter.get_total_flops() / BATCH
 
 
+# Bytes moved per float32 parameter by one masked RMSprop step (counted from the code, not measured):
+# today's masked_step clones each parameter and its square_avg (read + write each: 8 + 8), runs
+# torch's step (reads p, g, square_avg; writes p, square_avg: 20) and keeps or restores both by a
+# torch.where (reads new and old, writes: 12 + 12), whether the update is kept or not; the fused
+# kernel reads p, g, square_avg and writes p, square_avg when kept (20), and reads only the flag when
+# skipped (1 byte per program of 1024 elements). The compiled masked_step moves these 60 bytes too:
+# inductor's code for it (on a CPU) is three graphs around optimizer.step, the clones, the step and
+# the torch.where written in place, with no fusion across them. Left out: the 0-d terms (step
+# counts: under 1 KB a network), the eager masked_step's copies of the torch.where results back
+# into place (8 + 8 more) and the extra passes of torch's multi-pass eager RMSprop (20 is the least
+# any step moves).
+MASKED_STEP_BYTES = (8 + 8) + 20 + (12 + 12)
+FUSED_KEPT_BYTES = 20
+FUSED_SKIPPED_BYTES = 1 / 1024
+BANDWIDTH = 4.8e12  # bytes/s: an H200's HBM3e, as its datasheet gives it
+
+
+def optimizer_step_bytes():
+    """{network: (fp32 parameters, bytes per step: masked_step, fused kept, fused skipped)} for the
+    paper's 64 px VAE/GAN."""
+    model = VAEGAN("vaegan", 64, 3)
+    counts = {name: sum(p.numel() for p in net.parameters()) for name, net in model.networks().items()}
+    return {name: (n, n * MASKED_STEP_BYTES, n * FUSED_KEPT_BYTES, n * FUSED_SKIPPED_BYTES)
+            for name, n in counts.items()}
+
+
+def print_optimizer_step_bytes():
+    print(f"masked RMSprop step, bytes moved per step (counted from parameter numbers, not measured): today's "
+          f"masked_step {MASKED_STEP_BYTES} B per fp32 parameter, kept or skipped; the fused kernel "
+          f"{FUSED_KEPT_BYTES} B kept, the flag alone skipped")
+    totals = [0, 0, 0, 0]
+    for name, row in optimizer_step_bytes().items():
+        totals = [t + v for t, v in zip(totals, row)]
+        n, masked, kept, skipped = row
+        print(f"  {name}: {n / 1e6:.2f} M parameters; masked_step {masked / 1e6:.1f} MB, fused {kept / 1e6:.1f} MB "
+              f"kept / {skipped / 1e3:.1f} KB skipped; saves {(masked - kept) / 1e6:.1f} MB kept, "
+              f"{(masked - skipped) / 1e6:.1f} MB skipped")
+    n, masked, kept, skipped = totals
+    kept_us, skipped_us = ((masked - bytes_) / BANDWIDTH * 1e6 for bytes_ in (kept, skipped))
+    print(f"  all three: {n / 1e6:.2f} M parameters; masked_step {masked / 1e6:.1f} MB per step, fused "
+          f"{kept / 1e6:.1f} MB with every update kept: saves {(masked - kept) / 1e6:.1f} MB per step, an "
+          f"estimated {kept_us:.0f} us at {BANDWIDTH / 1e12:.1f} TB/s (an estimate from the count, not a "
+          f"measurement); {(masked - skipped) / 1e6:.1f} MB, {skipped_us:.0f} us, if all three were skipped")
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     saved_per_pass = per_image_layers_flops()
@@ -137,3 +182,4 @@ if __name__ == "__main__":
     print(joint_decoder_counts())
     print(padding_counts())
     print(batchnorm_relu_traffic())
+    print_optimizer_step_bytes()

@@ -1,16 +1,19 @@
-"""Fused Triton kernels for the VAE/GAN's losses, each with a plain PyTorch reference beside it.
+"""Fused Triton kernels for the VAE/GAN's losses and its RMSprop, each with a plain PyTorch reference beside it.
 
     reparam_kl(mu, logvar, seed, row_offset=0) -> (z, kl)       kernels/reparam.py
     feature_nll(features_fake, features_real) -> (B,)          kernels/likelihood.py
     gan_loss(logits_real, logits_fake, real_weight, fake_weight)
         -> (dis_loss, gen_loss, real_cost, fake_cost)           kernels/gan.py
+    masked_rmsprop_(param, grad, square_avg, update, lr, weight_decay, alpha, eps)
+        -> None: one RMSprop step in place, kept where `update`  kernels/rmsprop.py
 
 Their references (`reparam_kl_reference`, ...) and the per-sample losses they are built from are in
 kernels/reference.py, which needs no Triton. `op_set(name)` gives the step one set, chosen once:
-the fused ops or their references. This package imports nothing from `vaegan`.
+the fused ops or their references (the optimizer's kernel is chosen by --optimizer-impl fused,
+vaegan/optimizers.py). This package imports nothing from `vaegan`.
 
-The ops are torch.library.triton_op custom ops with autograd, so torch.compile traces into
-them. On a CPU they run only under Triton's interpreter: TRITON_INTERPRET=1 must be set
+The ops are torch.library.triton_op custom ops (the losses' with autograd), so torch.compile traces
+into them. On a CPU they run only under Triton's interpreter: TRITON_INTERPRET=1 must be set
 before this package's kernels are first imported. `import kernels` itself never needs triton.
 """
 import functools
@@ -20,7 +23,8 @@ from types import SimpleNamespace
 
 OPS = {"reparam_kl": "reparam", "reparam_kl_reference": "reference",
        "feature_nll": "likelihood", "feature_nll_reference": "reference",
-       "gan_loss": "gan", "gan_loss_reference": "reference"}
+       "gan_loss": "gan", "gan_loss_reference": "reference",
+       "masked_rmsprop_": "rmsprop", "masked_rmsprop_reference_": "reference"}
 OP_SETS = ("torch", "triton")
 
 

@@ -1,9 +1,10 @@
-"""Every kernel, forward and backward, compiled ahead of time for NVIDIA targets, on any machine.
+"""Every kernel (the losses' forward and backward, the optimizer's) compiled ahead of time for NVIDIA
+targets, on any machine.
 
 Triton ships ptxas, so a CPU can lower each kernel through Triton's whole pipeline to a cubin for
-sm_80 (A100) and sm_90 (H100/H200), with fp32, bf16 and fp16 data pointers, and ptxas reports each
-cubin's registers and spills. Launches on a GPU may add alignment hints that these compilations
-lack (they can only help). Needs Triton without its interpreter (TRITON_INTERPRET unset).
+sm_80 (A100) and sm_90 (H100/H200), with fp32, bf16 and fp16 data pointers (the optimizer's: fp32
+only), and ptxas reports each cubin's registers and spills. Launches on a GPU may add alignment
+hints that these compilations lack (they can only help). Needs Triton without its interpreter (TRITON_INTERPRET unset).
 
     python -m kernels.aot            one line per (kernel, target, dtype), as JSON
 """
@@ -35,7 +36,16 @@ KERNELS = {
     "_gan_loss_backward": ("gan", dict(real_ptr=DATA, fake_ptr=DATA, grad_ptr=F32, grad_real_ptr=DATA,
                                        grad_fake_ptr=DATA, n_real="i32", n_fake="i32", real_weight="fp32",
                                        fake_weight="fp32"), dict(BLOCK=1024)),
+    "_masked_rmsprop": ("rmsprop", dict(param_ptr=F32, grad_ptr=F32, square_avg_ptr=F32, update_ptr="*i1", lr_ptr=F32,
+                                        n="i32", weight_decay="fp32", alpha="fp32", one_minus_alpha="fp32",
+                                        eps="fp32"), dict(DECAY=True, BLOCK=1024)),
 }
+
+
+def kernel_dtypes(name):
+    """The data dtypes a kernel is compiled for: each of DTYPES for the losses' kernels, fp32 alone for the
+    optimizer's (it updates the fp32 master weights whatever the precision)."""
+    return DTYPES if DATA in KERNELS[name][1].values() else ("fp32",)
 
 
 def ptxas_path():
@@ -89,7 +99,7 @@ def main():
     print(json.dumps({"triton": triton.__version__}))
     for name in KERNELS:
         for capability in TARGETS:
-            for dtype in DTYPES:
+            for dtype in kernel_dtypes(name):
                 print(json.dumps(compile_kernel(name, capability, dtype)), flush=True)
 
 

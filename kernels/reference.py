@@ -92,3 +92,13 @@ def gan_loss_reference(logits_real, logits_fake, real_weight=0.5, fake_weight=0.
     gen_loss = fake_weight * real_loss(fake).mean()
     real_cost, fake_cost = equilibrium_costs(real.detach(), fake.detach())
     return dis_loss, gen_loss, real_cost, fake_cost
+
+
+def masked_rmsprop_reference_(param, grad, square_avg, update, lr, weight_decay=0.0, alpha=0.9, eps=1e-8):
+    """The masked_rmsprop_ op's step (kernels/rmsprop.py): torch's RMSprop formula, param and square_avg
+    updated in place where `update` (a 0-d bool tensor) is True, left as they were where it is False."""
+    g = grad + weight_decay * param if weight_decay != 0 else grad
+    new_square_avg = alpha * square_avg + (1 - alpha) * g * g
+    new_param = param - lr * g / (new_square_avg.sqrt() + eps)
+    square_avg.copy_(torch.where(update, new_square_avg, square_avg))
+    param.copy_(torch.where(update, new_param, param))

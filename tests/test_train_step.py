@@ -122,12 +122,20 @@ def test_optimizer_implementations_agree(kind, impls):
             assert moved > 0 and (q - p).norm() <= 1e-9 * moved
 
 
-def test_options_that_cannot_run_are_refused():
+def test_options_that_cannot_run_are_refused(monkeypatch):
     assert resolve_optimizer_impl("auto", "rmsprop", "cuda")[0] == "foreach"
     assert resolve_optimizer_impl("auto", "adam", "cuda")[0] == "fused"
     assert resolve_optimizer_impl("auto", "adam", "cpu")[0] == "foreach"
-    with pytest.raises(ConfigError, match="torch has no fused rmsprop"):
-        check(TrainConfig(optimizer_impl="fused", optimizer="rmsprop"))
+    fused_rmsprop = TrainConfig(optimizer_impl="fused", optimizer="rmsprop")  # our Triton kernel
+    check(fused_rmsprop, Machine("cuda", 1, False))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check(fused_rmsprop, Machine("cpu", 1, False))  # under Triton's interpreter
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="--optimizer-impl fused with rmsprop runs our Triton kernel: Triton "
+                                          "kernels need a CUDA device, and this run is on cpu"):
+        check(fused_rmsprop, Machine("cpu", 1, False))
+    with pytest.raises(ConfigError, match="--precision fp64 keeps float64 ones"):
+        check(TrainConfig(optimizer_impl="fused", optimizer="rmsprop", precision="fp64"))
     with pytest.raises(ConfigError, match="a skipped step .* cannot restore"):
         check(TrainConfig(optimizer_impl="apex", optimizer="adam"))
     with pytest.raises(ConfigError, match="drop --no-compile"):
@@ -166,8 +174,8 @@ def test_train_with_compile_logs_the_mode(tmp_path):
     done = run_train(SMALL + ["--steps", "3", "--compile", "--compile-backend", "aot_eager", "--log-every", "1",
                               "--out", str(tmp_path / "run")])
     assert done.returncode == 0, done.stderr[-3000:]
-    assert ("step torch.compile (aot_eager), channels-last (requested), optimizers foreach (default (torch has no fused "
-            "RMSprop))") in done.stderr
+    assert ("step torch.compile (aot_eager), channels-last (requested), optimizers foreach (default (the fused masked "
+            "RMSprop kernel is chosen with --optimizer-impl fused: not yet measured on a GPU))") in done.stderr
     done = run_train(SMALL + ["--steps", "1", "--cuda-graphs", "--compile", "--out", str(tmp_path / "x")])
     assert done.returncode == 2 and "--cuda-graphs needs CUDA" in done.stderr
     done = run_train(SMALL + ["--steps", "1", "--compile", "--kernels", "triton", "--out", str(tmp_path / "y")])

@@ -222,9 +222,11 @@ def add_train_arguments(parser):
       help="layout of images and convolution weights (default: auto: channels-last, which was faster on GPUs "
            "and CPUs alike)")
     a("--optimizer-impl", choices=("auto", "for-loop", "foreach", "fused", "apex"), default=d.optimizer_impl,
-      help="the optimizers' implementation: torch's for-loop, foreach (multi-tensor) or fused (Adam only) "
-           "kernels (default: auto: fused for adam on CUDA, else foreach); apex is refused: its FusedAdam counts "
-           "steps in a host integer that a skipped step cannot restore")
+      help="the optimizers' implementation: torch's for-loop or foreach (multi-tensor) kernels, or fused: torch's "
+           "fused Adam, or for rmsprop our Triton kernel (one per parameter, reading nothing but the keep flag of a "
+           "skipped step; CUDA, or Triton's interpreter on a CPU) (default: auto: fused for adam on CUDA, else "
+           "foreach); apex is refused: its FusedAdam counts steps in a host integer that a skipped step cannot "
+           "restore")
     a("--max-autotune", action=argparse.BooleanOptionalAction, default=d.max_autotune,
       help="with --compile (inductor): let inductor time alternative kernels for each matrix product and convolution "
            "(mode max-autotune, or max-autotune-no-cudagraphs with --no-cuda-graphs); compiling takes minutes "

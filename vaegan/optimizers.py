@@ -1,6 +1,7 @@
 """The three networks' optimizers: the authors' RMSprop (or Adam) with DeepPy's weight decay, the
 learning rate as the schedule sets it, and the masked step that keeps or discards an update by a
-decision made on the device."""
+decision made on the device (torch's optimizers through copies of everything they hold; the fused
+RMSprop in its kernel, which reads nothing but the decision when it is False)."""
 import torch
 
 from .schedule import learning_rate
@@ -29,18 +30,83 @@ def build_optimizers(model, cfg, impl="for-loop", tensor_lr=False, global_batch=
     return optimizers
 
 
+class FusedMaskedRMSprop(torch.optim.RMSprop):
+    """torch's RMSprop (centered=False, momentum=0, coupled weight decay) as one Triton kernel per
+    parameter (kernels/rmsprop.py). masked_step(update) keeps the update where the 0-d bool `update`
+    is True; where it is False the kernel reads the flag and nothing else, so a skipped network's
+    parameters, gradients and state stay where they are, unread. Its state is torch's (`step`, a
+    float32 tensor on the parameter's device, and `square_avg`) and its param_groups are torch's: state
+    dicts load into torch.optim.RMSprop and back. Float32 parameters only (the kernel's)."""
+
+    def __init__(self, params, lr, alpha=0.9, eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, foreach=False)
+        self._counts_on_device()
+
+    def _counts_on_device(self):
+        # torch's RMSprop keeps a step count on the parameter's device only when capturable (else on the
+        # CPU); the masked step adds the device's flag to it
+        for group in self.param_groups:
+            group["capturable"] = any(p.device.type != "cpu" for p in group["params"])
+
+    @torch.no_grad()
+    def masked_step(self, update):
+        """One step, kept only where `update` (a 0-d bool tensor on the parameters' device) is True; no
+        synchronisation. State is created as zeros before any kernel, by torch's RMSprop._init_group
+        (which torch.compile runs before its graph, so the state is never a compiled graph's output)."""
+        from kernels.rmsprop import masked_rmsprop_
+        for group in self.param_groups:
+            if group["momentum"] or group["centered"] or group["maximize"]:
+                raise ValueError("FusedMaskedRMSprop has no momentum, centered or maximize form")
+            params, grads, square_avgs, momentum_buffers, grad_avgs, steps = [], [], [], [], [], []
+            self._init_group(group, params, grads, square_avgs, momentum_buffers, grad_avgs, steps)
+            lr = group["lr"]
+            if params and not isinstance(lr, torch.Tensor):
+                lr = torch.full((), lr, dtype=torch.float32, device=params[0].device)  # once per group, no copy
+            for p, grad, square_avg, step in zip(params, grads, square_avgs, steps):
+                step.add_(update)
+                masked_rmsprop_(p, grad, square_avg, update, lr, group["weight_decay"], group["alpha"], group["eps"])
+
+    def load_state_dict(self, state_dict):
+        """torch's, then each state in the kernel's terms: the step count on the parameter's device and
+        square_avg in the parameter's memory format (a state saved by torch's RMSprop, or in another one)."""
+        super().load_state_dict(state_dict)
+        self._counts_on_device()
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    state["step"] = state["step"].to(p.device)
+                    state["square_avg"] = torch.empty_like(p).copy_(state["square_avg"])
+
+    def step(self, closure=None):
+        """One step, kept."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"FusedMaskedRMSprop steps parameters on one device, not {sorted(map(str, devices))}")
+        if devices:
+            self.masked_step(torch.ones((), dtype=torch.bool, device=devices.pop()))
+        return loss
+
+
 def make_optimizer(kind, impl, groups, lr, tensor_lr):
-    """RMSprop (alpha 0.9, eps 1e-8) or Adam (betas 0.5, 0.999) with coupled L2 decay, in `impl`.
+    """RMSprop (alpha 0.9, eps 1e-8) or Adam (betas 0.5, 0.999) with coupled L2 decay, in `impl`
+    (fused: torch's fused Adam, or our FusedMaskedRMSprop).
 
     tensor_lr: the learning rate as a tensor on the parameters' device, so that a compiled step
     neither recompiles when it changes nor holds a CPU constant. On CUDA the for-loop and foreach
     forms are capturable (their step counts live on the GPU: masked_step and CUDA graphs need no
-    host value)."""
+    host value); the fused RMSprop keeps its counts on the parameters' device everywhere."""
     first = next(p for g in groups for p in (g["params"] if isinstance(g, dict) else [g]))
     lr_value = torch.tensor(lr, device=first.device) if tensor_lr else lr
     flags = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
     if first.is_cuda and impl in ("for-loop", "foreach"):
         flags["capturable"] = True
+    if kind == "rmsprop" and impl == "fused":
+        return FusedMaskedRMSprop(groups, lr=lr_value, alpha=0.9, eps=1e-8)
     if kind == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr_value, alpha=0.9, eps=1e-8, **flags)
     if tensor_lr and impl == "foreach":
@@ -73,7 +139,10 @@ def masked_step(optimizer, update):
     decay; Adam's step count does not advance). Decided on the device: no synchronisation. State the
     optimizer creates on its first step counts as zeros before it (as torch's optimizers start).
     An optimizer that keeps state of its own in param_groups (apex's FusedAdam: an integer 'step')
-    cannot be masked so: refused with an error rather than silently advanced."""
+    cannot be masked so: refused with an error rather than silently advanced. An optimizer with a
+    masked_step of its own (FusedMaskedRMSprop) takes the step itself, without the copies."""
+    if hasattr(optimizer, "masked_step"):
+        return optimizer.masked_step(update)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     group_state = [{k: v for k, v in group.items() if k != "params" and not torch.is_tensor(v)}
                    for group in optimizer.param_groups]

@@ -49,8 +49,12 @@ CHECKS = (
      lambda c, m: f"--attributes applies to the conditional models ({', '.join(CONDITIONAL_KINDS)}), not {c.model}"),
     (False, lambda c, m: c.kernels == "triton" and c.gan_loss_form == "eps",
      lambda c, m: "--gan-loss-form eps has no fused kernel: use --kernels torch, or --gan-loss-form logits"),
-    (False, lambda c, m: c.optimizer_impl == "fused" and c.optimizer != "adam",
-     lambda c, m: f"--optimizer-impl fused: torch has no fused {c.optimizer}; use foreach (the default)"),
+    (True, lambda c, m: c.optimizer_impl == "fused" and c.optimizer == "rmsprop" and _fused_rmsprop_unavailable(m),
+     lambda c, m: f"--optimizer-impl fused with rmsprop runs our Triton kernel: {_fused_rmsprop_unavailable(m)}; "
+                  "use foreach (the default)"),
+    (False, lambda c, m: c.optimizer_impl == "fused" and c.optimizer == "rmsprop" and c.precision == "fp64",
+     lambda c, m: "--optimizer-impl fused with rmsprop updates float32 parameters, and --precision fp64 keeps "
+                  "float64 ones: use foreach (the default)"),
     (False, lambda c, m: c.optimizer_impl == "apex", lambda c, m: APEX_REFUSED),
     (True, lambda c, m: c.cuda_graphs and m.device_type != "cuda",
      lambda c, m: "--cuda-graphs needs CUDA; this run is on the CPU"),
@@ -82,6 +86,12 @@ CHECKS = (
      lambda c, m: "--augment authors augments image files before the crop; the built-in faces are held in memory, "
                   "already cropped and resized: use --augment flip, or pass --data DIR"),
 )
+
+
+def _fused_rmsprop_unavailable(machine):
+    """None if the fused RMSprop's Triton kernel can run on the machine's device here, else why not."""
+    import kernels
+    return kernels.triton_unavailable_reason(machine.device_type)
 
 
 def check(cfg, machine=None):
@@ -149,7 +159,8 @@ def resolve_optimizer_impl(choice, optimizer, device_type):
     if choice == "auto":
         if optimizer == "adam" and device_type == "cuda":
             return "fused", "default for adam on CUDA"
-        return "foreach", "default" + (" (torch has no fused RMSprop)" if optimizer == "rmsprop" else "")
+        return "foreach", "default" + (" (the fused masked RMSprop kernel is chosen with --optimizer-impl fused: "
+                                       "not yet measured on a GPU)" if optimizer == "rmsprop" else "")
     return choice, "requested"
 
 
