@@ -3,6 +3,7 @@ the same): each op, forward and backward, against its PyTorch reference on a sma
 on the run's device. A kernel that fails to build or run, or disagrees, is reported in one line.
 
     self_check(device) -> None if every op agrees, else the reason (naming the op)
+    rmsprop_self_check(device) -> the same for the masked RMSprop kernel (--optimizer-impl fused)
 """
 import importlib
 from dataclasses import dataclass
@@ -92,4 +93,36 @@ def self_check(device):
         if not error <= TOLERANCE:
             return (f"the fused {op.name} disagrees with its reference on {device} (relative error {error:.1e}, "
                     f"tolerance {TOLERANCE:g})")
+    return None
+
+
+def rmsprop_self_check(device):
+    """None if the masked RMSprop kernel (kernels/rmsprop.py) agrees with its reference on `device`: a kept
+    step within TOLERANCE, with and without weight decay, and a skipped step leaving every value as it was;
+    else why not."""
+    generator = torch.Generator()
+    generator.seed()
+    try:
+        from kernels.reference import masked_rmsprop_reference_
+        from kernels.rmsprop import masked_rmsprop_
+        for weight_decay in (0.0, 1e-3):
+            param, grad = _randn(generator, device, 5, 37), _randn(generator, device, 5, 37)
+            square_avg = _randn(generator, device, 5, 37).abs()
+            lr = torch.full((), 1e-3, device=device)
+            for keep in (True, False):
+                update = torch.tensor(keep, device=device)
+                got = [param.clone(), square_avg.clone()]
+                want = [param.clone(), square_avg.clone()]
+                masked_rmsprop_(got[0], grad, got[1], update, lr, weight_decay)
+                masked_rmsprop_reference_(want[0], grad, want[1], update, lr, weight_decay)
+                if not keep and not (torch.equal(got[0], param) and torch.equal(got[1], square_avg)):
+                    return f"the fused RMSprop changed a skipped step's values on {device}"
+                step_size = (want[0] - param).abs().max().clamp_min(1e-30)
+                error = max(((got[0] - want[0]).abs().max() / step_size).item(), _relative_error(got[1], want[1]))
+                if not error <= TOLERANCE:
+                    return (f"the fused RMSprop disagrees with its reference on {device} (relative error {error:.1e}, "
+                            f"tolerance {TOLERANCE:g})")
+    except Exception as e:  # a kernel that does not build or launch here
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"the fused RMSprop failed to run on {device} ({type(e).__name__}: {message[:300]})"
     return None

@@ -259,3 +259,26 @@ def test_state_dicts_go_into_torchs_rmsprop_and_back():
     for j, (p, q) in enumerate(zip(params, copies)):
         assert rel_err(p, q) <= 1e-6, (seed, j)
     assert all(rel_err(v, state(plain)[k]) <= 1e-6 for k, v in state(again).items()), seed
+
+
+def test_the_self_check_passes_and_stops_a_run_whose_kernel_disagrees(monkeypatch):
+    from kernels import rmsprop, selfcheck
+    from vaegan import options
+    from vaegan.config import ConfigError, TrainConfig
+    assert selfcheck.rmsprop_self_check(torch.device(DEVICE)) is None
+    cfg = TrainConfig(data="generated", optimizer_impl="fused", out="unused", device=DEVICE, precision="fp32")
+    resolved, why = options.resolve(cfg, torch.device(DEVICE))
+    assert resolved.optimizer_impl == "fused" and why["optimizer_impl"] == "requested, checked against the reference"
+    original = rmsprop.masked_rmsprop_
+
+    def off(param, grad, square_avg, update, lr, weight_decay=0.0, *args):  # the decay 10% off
+        return original(param, grad, square_avg, update, lr, 1.1 * weight_decay, *args)
+
+    def writes_when_skipped(param, grad, square_avg, update, lr, *args):
+        original(param, grad, square_avg, torch.ones_like(update), lr, *args)
+
+    for broken, message in ((off, "the fused RMSprop disagrees with its reference"),
+                            (writes_when_skipped, "the fused RMSprop changed a skipped step's values")):
+        monkeypatch.setattr(rmsprop, "masked_rmsprop_", broken)
+        with pytest.raises(ConfigError, match=f"--optimizer-impl fused: {message}"):
+            options.resolve(cfg, torch.device(DEVICE))

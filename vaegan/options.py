@@ -273,6 +273,12 @@ def resolve(cfg, device, world_size=1, dataset=None, resumed=False):
                                                                                  device.type)
     in_memory = bool(dataset is not None and dataset.in_memory)
     check(cfg, Machine(device.type, world_size, in_memory))  # before the loader's choice: --augment authors on faces
+    if values["optimizer_impl"] == "fused" and cfg.optimizer == "rmsprop":
+        from kernels.selfcheck import rmsprop_self_check
+        failure = rmsprop_self_check(device)
+        if failure:
+            raise ConfigError(f"--optimizer-impl fused: {failure}; use foreach (the default)")
+        reasons["optimizer_impl"] = "requested, checked against the reference"
     values["data_cache"], reasons["data_cache"] = resolve_data_cache(cfg.data_cache, device, dataset,
                                                                      cfg.augment == "authors", cfg.loader)
     if values["data_cache"] != "none":
