@@ -6,8 +6,8 @@
 #   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each):
 #                                                  # port, fair, eager, fastest, event-timed (bench/test_step.py)
 #   bash bench/run_gpu.sh profile                  # kernel tables at batch 64 and 512 (PROFILE_BATCHES=64: one)
-#   bash bench/run_gpu.sh levers64                 # then levers512: each lever of the step against the fastest
-#                                                  # step without it (bench/test_levers.py; VAEGAN_BENCH_LEVERS=a,b)
+#   bash bench/run_gpu.sh levers64 autotune64      # then levers512, autotune512: each lever against the fastest step
+#                                                  # without it (bench/test_levers.py); autotune: max-autotune, all
 #   bash bench/run_gpu.sh train                    # 300 real steps, fastest configuration
 #   bash bench/run_gpu.sh precision                # held-out learning curves: fastest vs eager fp32 (and the VAE)
 #   bash bench/run_gpu.sh loop                     # the whole loop against the bare step (bench/test_loop.py)
@@ -128,7 +128,7 @@ export -f preflight kerneltests tests bench train precision
 export out stamp device cores limit
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && { sed -n 2,23p "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 levers64 levers512 profile train precision loop)
+[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 levers64 autotune64 levers512 autotune512 profile train precision loop)
 for stage in "${stages[@]}"; do
   case $stage in
     preflight) run_stage preflight preflight ;;
@@ -137,12 +137,15 @@ for stage in "${stages[@]}"; do
     kernels) run_stage kernels bench kernels bench/test_kernels.py ;;
     loaders) run_stage loaders bench loaders bench/test_loaders.py ;;
     step64|step256|step512) VAEGAN_BENCH_BATCHES=${stage#step} run_stage "$stage" bench "$stage" bench/test_step.py ;;
-    levers64|levers512) VAEGAN_BENCH_BATCHES=${stage#levers} run_stage "$stage" bench "$stage" bench/test_levers.py ;;
+    levers64|levers512) VAEGAN_BENCH_BATCHES=${stage#levers} VAEGAN_BENCH_LEVERS=${VAEGAN_BENCH_LEVERS:-pad-channels,decoder-joint,fused-rmsprop} \
+      run_stage "$stage" bench "$stage" bench/test_levers.py ;;
+    autotune64|autotune512) VAEGAN_BENCH_BATCHES=${stage#autotune} VAEGAN_BENCH_LEVERS=max-autotune,all \
+      run_stage "$stage" bench "$stage" bench/test_levers.py ;;
     profile) run_stage profile python3 bench/profile_step.py --batches "${PROFILE_BATCHES:-64,512}" --out "$out" \
       --prefix "gpu-$stamp-$device-profile" ;;
     train) run_stage train train ;;
     precision) run_stage precision precision ;;
     loop) run_stage loop bench loop bench/test_loop.py -s ;;
-    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 levers64 levers512 profile train precision loop all)"; exit 2 ;;
+    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 levers64 levers512 autotune64 autotune512 profile train precision loop all)"; exit 2 ;;
   esac
 done
