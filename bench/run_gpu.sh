@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What a lent GPU should run, in stages that each fit one command of the device tool (10 minutes):
 #
-#   bash bench/run_gpu.sh preflight tests          # one call (kerneltests: tests/test_kernels.py alone)
+#   bash bench/run_gpu.sh quick                    # one call under 10 minutes, first in a short session: preflight,
+#                                                  # kerneltests, step64 (fair, fastest), levers64, profile at 64
+#   bash bench/run_gpu.sh preflight tests          # one call (kerneltests: the kernels' tests alone)
 #   bash bench/run_gpu.sh kernels loaders          # the next
 #   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each):
 #                                                  # port, fair, eager, fastest, event-timed (bench/test_step.py)
@@ -85,8 +87,8 @@ EOF
   return $rc
 }
 
-kerneltests() {  # the fused kernels against their references, compiled for the GPU (bf16 too)
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+kerneltests() {  # the fused kernels against their references, compiled for the GPU (bf16 too), the RMSprop's too
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fused_rmsprop.py
 }
 
 tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 too), routing in every mode, the
@@ -127,10 +129,17 @@ precision() {  # the fast path learns what the reference path learns: the same s
 export -f preflight kerneltests tests bench train precision
 export out stamp device cores limit
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && { sed -n 2,23p "$0"; exit 2; }
+[ ${#stages[@]} -eq 0 ] && { sed -n 2,25p "$0"; exit 2; }
 [ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 levers64 autotune64 levers512 autotune512 profile train precision loop)
 for stage in "${stages[@]}"; do
   case $stage in
+    quick)  # one device call of under 10 minutes: what a short GPU session runs first
+      limit=45 run_stage preflight preflight
+      limit=100 run_stage kerneltests kerneltests
+      VAEGAN_BENCH_BATCHES=64 limit=150 run_stage step64 bench step64 bench/test_step.py -k "fair or fastest"
+      VAEGAN_BENCH_BATCHES=64 VAEGAN_BENCH_LEVERS=pad-channels,decoder-joint,fused-rmsprop limit=180 \
+        run_stage levers64 bench levers64 bench/test_levers.py
+      limit=80 run_stage profile python3 bench/profile_step.py --batches 64 --out "$out" --prefix "gpu-$stamp-$device-profile" ;;
     preflight) run_stage preflight preflight ;;
     tests) run_stage tests tests ;;
     kerneltests) run_stage kerneltests kerneltests ;;
@@ -146,6 +155,6 @@ for stage in "${stages[@]}"; do
     train) run_stage train train ;;
     precision) run_stage precision precision ;;
     loop) run_stage loop bench loop bench/test_loop.py -s ;;
-    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 levers64 levers512 autotune64 autotune512 profile train precision loop all)"; exit 2 ;;
+    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 levers64 levers512 autotune64 autotune512 profile train precision loop quick all)"; exit 2 ;;
   esac
 done
