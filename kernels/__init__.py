@@ -6,11 +6,14 @@
         -> (dis_loss, gen_loss, real_cost, fake_cost)           kernels/gan.py
     masked_rmsprop_(param, grad, square_avg, update, lr, weight_decay, alpha, eps)
         -> None: one RMSprop step in place, kept where `update`  kernels/rmsprop.py
+    bn_relu_conv(x, scale, shift, weight, bias, stride, padding)
+        -> (y, channel_sum, channel_sumsq): BatchNorm's affine map and
+        ReLU applied as the convolution loads x (--fuse-bn-relu)  kernels/fused_conv.py
 
 Their references (`reparam_kl_reference`, ...) and the per-sample losses they are built from are in
 kernels/reference.py, which needs no Triton. `op_set(name)` gives the step one set, chosen once:
 the fused ops or their references (the optimizer's kernel is chosen by --optimizer-impl fused,
-vaegan/optimizers.py). This package imports nothing from `vaegan`.
+vaegan/optimizers.py; the convolution's by --fuse-bn-relu, vaegan/fused_layers.py). This package imports nothing from `vaegan`.
 
 The ops are torch.library.triton_op custom ops (the losses' with autograd), so torch.compile traces
 into them. On a CPU they run only under Triton's interpreter: TRITON_INTERPRET=1 must be set
@@ -24,7 +27,8 @@ from types import SimpleNamespace
 OPS = {"reparam_kl": "reparam", "reparam_kl_reference": "reference",
        "feature_nll": "likelihood", "feature_nll_reference": "reference",
        "gan_loss": "gan", "gan_loss_reference": "reference",
-       "masked_rmsprop_": "rmsprop", "masked_rmsprop_reference_": "reference"}
+       "masked_rmsprop_": "rmsprop", "masked_rmsprop_reference_": "reference",
+       "bn_relu_conv": "fused_conv", "bn_relu_conv_reference": "reference"}
 OP_SETS = ("torch", "triton")
 
 

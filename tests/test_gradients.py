@@ -1,4 +1,6 @@
 """The routing proof: one backward pass gives each network the gradient of its own loss."""
+import copy
+
 import pytest
 import torch
 
@@ -253,3 +255,29 @@ def test_one_step_updates_each_batchnorm_once_from_the_pass_it_belongs_to(kind, 
             start.discriminator(torch.cat([x, fakes]))
     for (name, got), (_, want) in zip(model.named_buffers(), start.named_buffers()):
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-15), name
+
+
+@pytest.mark.parametrize("variant", [dict(kind="vaegan"), dict(kind="vaegan", decoder_call="joint", dis_sees_recon=True)],
+                         ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_the_fused_bn_relu_convolutions_route_as_the_reference(variant):
+    # --fuse-bn-relu (Triton, under the interpreter on a CPU): the fused step's gradients and running
+    # statistics against the reference routing of the same networks unfused, in float32
+    from vaegan.fused_layers import fuse_bn_relu
+    plain, x, eps, z_prior = make(variant["kind"], seed=11, dtype=torch.float32)
+    fused = copy.deepcopy(plain)
+    names = fuse_bn_relu(fused, skip=("decoder",) if variant.get("decoder_call") == "joint" else ())
+    assert names and all(not n.startswith("decoder") for n in names) == (variant.get("decoder_call") == "joint")
+    start = {n: b.clone() for n, b in plain.named_buffers()}
+    cfg = UpdateConfig(gamma=1e-6, **variant)
+    fast_stats = compute_gradients(fused, x, z_prior, cfg, NOISE_SEED)
+    compute_gradients(plain, x, z_prior, cfg, NOISE_SEED)  # the unfused step's running statistics
+    for (name, b), c in zip(plain.named_buffers(), fused.buffers()):
+        assert torch.allclose(c, b, rtol=1e-5, atol=1e-6), name
+        assert not torch.equal(c, start[name]), f"{name} was not updated"
+    with torch.no_grad():
+        for n, b in plain.named_buffers():
+            b.copy_(start[n])
+    ref_stats = compute_gradients_reference(plain, x, eps, z_prior, cfg)
+    assert_same_grads(grads(fused), grads(plain), rtol=1e-4)
+    for name in ref_stats:
+        assert torch.allclose(fast_stats[name], ref_stats[name], rtol=1e-4), name

@@ -311,3 +311,28 @@ def test_train_with_the_step_levers_logs_them(tmp_path):
     assert "thin convolutions padded to multiples of 8 channels, the decoder's two passes in one call" in done.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["pad_channels"] is True and saved["decoder_call"] == "joint"
+
+
+def test_train_with_fused_bn_relu_logs_the_fused_convolutions(tmp_path):
+    # Triton's interpreter (conftest.py): narrow networks, one step; the joint decoder call keeps its own layers
+    done = run_train(SMALL + ["--width", "0.125", "--steps", "1", "--log-every", "1", "--decoder-call", "joint",
+                              "--fuse-bn-relu", "--out", str(tmp_path / "run")])
+    assert done.returncode == 0, done.stderr
+    assert ("the decoder's two passes in one call, BatchNorm and ReLU fused into the convolutions encoder.body.3, "
+            "discriminator.features.5 (Triton)") in done.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["fuse_bn_relu"] is True
+
+
+def test_fuse_bn_relu_is_refused_where_it_cannot_run(monkeypatch):
+    fused = TrainConfig(fuse_bn_relu=True)
+    check(fused, Machine("cuda", 1, False))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check(fused, Machine("cpu", 1, False))  # under Triton's interpreter
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="--fuse-bn-relu runs our Triton convolution: Triton kernels need a CUDA "
+                                          "device, and this run is on cpu"):
+        check(fused, Machine("cpu", 1, False))
+    with pytest.raises(ConfigError, match="not --precision fp64"):
+        check(TrainConfig(fuse_bn_relu=True, precision="fp64"))
+    with pytest.raises(ConfigError, match="--sync-bn takes them across processes"):
+        check(TrainConfig(fuse_bn_relu=True, sync_bn=True))

@@ -66,6 +66,7 @@ class TrainConfig:
     max_autotune: bool = False    # inductor's max-autotune (with CUDA graphs: "max-autotune")
     pad_channels: bool = False    # the 3-channel convolutions padded to 8 channels (tensor cores)
     decoder_call: str = "separate"  # "joint": the decoder on [z, z_p] in one call, per-segment BatchNorm
+    fuse_bn_relu: bool = False    # BatchNorm -> ReLU -> convolution as one Triton kernel (vaegan/fused_layers.py)
     overlap_allreduce: bool = True
     loader: str = "auto"    # dali on CUDA for image files, pil elsewhere
     workers: int = None     # default: default_workers()
@@ -97,7 +98,7 @@ class TrainConfig:
 # Options that may differ when a run is resumed; every other value comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "loader", "workers", "data_cache", "out", "resume", "log_every", "sample_every",
                        "checkpoint_every", "checkpoint_minutes", "keep_every", "compile", "cuda_graphs", "compile_backend", "memory_format",
-                       "optimizer_impl", "max_autotune", "pad_channels", "decoder_call", "overlap_allreduce")
+                       "optimizer_impl", "max_autotune", "pad_channels", "decoder_call", "fuse_bn_relu", "overlap_allreduce")
 
 
 class ConfigError(ValueError):
@@ -240,6 +241,11 @@ def add_train_arguments(parser):
       help="the decoder's two passes (on the reconstructions' codes and on the prior codes): separate calls, or "
            "one joint call over both with each BatchNorm normalising each half with its own statistics and each "
            "weight's gradient taken per half, as separate calls do (default: separate)")
+    a("--fuse-bn-relu", action=argparse.BooleanOptionalAction, default=d.fuse_bn_relu,
+      help="compute each BatchNorm -> ReLU -> convolution (the encoder's 2nd and 3rd convolutions, the "
+           "discriminator's 3rd and 4th, the decoder's last) as one Triton kernel that applies the BatchNorm and "
+           "ReLU as it loads the convolution's input and sums its output for the next BatchNorm; the same maths, "
+           "other rounding (CUDA, or Triton's interpreter on a CPU; not the joint decoder call's) (default: off)")
     a("--no-overlap-allreduce", dest="overlap_allreduce", action="store_false",
       help="multi-process: average all gradients in one all-reduce after the backward pass instead of in "
            "buckets that start while it runs")

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_layers import forward_layers, update_running_statistics
+
 SUPPORTED_IMAGE_SIZES = (32, 64)
 MODEL_KINDS = ("vaegan", "vae", "gan", "vae-disl", "cvaegan", "cvae", "cgan")
 CONDITIONAL_KINDS = ("cvaegan", "cvae", "cgan")
@@ -101,6 +103,7 @@ def check_image_size(image_size):
 
 class Encoder(nn.Module):
     """Enc(x) -> (mu, logvar); conditional: Enc(x, y), y as constant input channels."""
+    fused_bn_relu = False  # --fuse-bn-relu (fused_layers.fuse_bn_relu)
 
     def __init__(self, image_size=64, channels=3, latent_size=128, fc_width=1024, num_attributes=0, width=1.0):
         super().__init__()
@@ -116,12 +119,13 @@ class Encoder(nn.Module):
         self.logvar = nn.Linear(fc_width, latent_size)
 
     def forward(self, x, y=None):
-        h = self.body(with_attribute_channels(x, y))
+        h = forward_layers(self.body, with_attribute_channels(x, y), self.fused_bn_relu)
         return self.mu(h), self.logvar(h)
 
 
 class Decoder(nn.Module):
     """Dec(z) -> image in [-1, 1]; also the GAN's generator. Conditional: Dec([z, y])."""
+    fused_bn_relu = False  # --fuse-bn-relu (not in forward_joint)
 
     def __init__(self, image_size=64, channels=3, latent_size=128, num_attributes=0, width=1.0):
         super().__init__()
@@ -137,7 +141,7 @@ class Decoder(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, z, y=None):
-        return self.body(with_attributes(z, y))
+        return forward_layers(self.body, with_attributes(z, y), self.fused_bn_relu)
 
     def forward_joint(self, z, z_other, y=None):
         """(Dec(z), Dec(z_other)) from one call over both halves (as many rows each), computing what two
@@ -173,13 +177,7 @@ def batch_norm_per_half(norm, h):
     out = (halves - mean) * torch.rsqrt(var + norm.eps)
     if norm.affine:
         out = out * norm.weight.view(affine) + norm.bias.view(affine)
-    if norm.track_running_stats:
-        with torch.no_grad():
-            norm.num_batches_tracked.add_(1)
-            factor = norm.momentum if norm.momentum is not None else (1.0 / norm.num_batches_tracked).to(mean.dtype)
-            count = halves[0].numel() // halves.shape[2]
-            norm.running_mean.lerp_(mean[0].flatten(), factor)
-            norm.running_var.lerp_(var[0].flatten() * count / max(count - 1, 1), factor)
+    update_running_statistics(norm, mean[0].flatten(), var[0].flatten(), halves[0].numel() // halves.shape[2])
     return out.flatten(0, 1).to(h.dtype)
 
 
@@ -281,6 +279,7 @@ class Discriminator(nn.Module):
     # The first convolution, its ReLU and the second convolution see one image at a time (the first
     # BatchNorm comes after them): the routed step computes them once for the real images.
     PER_IMAGE_LAYERS = 3
+    fused_bn_relu = False  # --fuse-bn-relu
 
     def forward(self, x, y=None, features_only=False, per_image_only=False, from_per_image=False):
         """per_image_only: stop after the per-image layers; from_per_image: x is their output (y is then
@@ -288,7 +287,7 @@ class Discriminator(nn.Module):
         h = x if from_per_image else self.features[:self.PER_IMAGE_LAYERS](with_attribute_channels(x, y))
         if per_image_only:
             return h
-        features = self.features[self.PER_IMAGE_LAYERS:](h)
+        features = forward_layers(self.features[self.PER_IMAGE_LAYERS:], h, self.fused_bn_relu)
         if features_only:
             return features
         return self.head(features).squeeze(1)

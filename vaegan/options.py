@@ -49,13 +49,20 @@ CHECKS = (
      lambda c, m: f"--attributes applies to the conditional models ({', '.join(CONDITIONAL_KINDS)}), not {c.model}"),
     (False, lambda c, m: c.kernels == "triton" and c.gan_loss_form == "eps",
      lambda c, m: "--gan-loss-form eps has no fused kernel: use --kernels torch, or --gan-loss-form logits"),
-    (True, lambda c, m: c.optimizer_impl == "fused" and c.optimizer == "rmsprop" and _fused_rmsprop_unavailable(m),
-     lambda c, m: f"--optimizer-impl fused with rmsprop runs our Triton kernel: {_fused_rmsprop_unavailable(m)}; "
+    (True, lambda c, m: c.optimizer_impl == "fused" and c.optimizer == "rmsprop" and _triton_unavailable(m),
+     lambda c, m: f"--optimizer-impl fused with rmsprop runs our Triton kernel: {_triton_unavailable(m)}; "
                   "use foreach (the default)"),
     (False, lambda c, m: c.optimizer_impl == "fused" and c.optimizer == "rmsprop" and c.precision == "fp64",
      lambda c, m: "--optimizer-impl fused with rmsprop updates float32 parameters, and --precision fp64 keeps "
                   "float64 ones: use foreach (the default)"),
     (False, lambda c, m: c.optimizer_impl == "apex", lambda c, m: APEX_REFUSED),
+    (True, lambda c, m: c.fuse_bn_relu and _triton_unavailable(m),
+     lambda c, m: f"--fuse-bn-relu runs our Triton convolution: {_triton_unavailable(m)}; drop --fuse-bn-relu"),
+    (False, lambda c, m: c.fuse_bn_relu and c.precision == "fp64",
+     lambda c, m: "--fuse-bn-relu computes in float32, bf16 or fp16, not --precision fp64: drop one of them"),
+    (False, lambda c, m: c.fuse_bn_relu and c.sync_bn,
+     lambda c, m: "--fuse-bn-relu normalises with each process's batch statistics, and --sync-bn takes them across "
+                  "processes: drop one of them"),
     (True, lambda c, m: c.cuda_graphs and m.device_type != "cuda",
      lambda c, m: "--cuda-graphs needs CUDA; this run is on the CPU"),
     (False, lambda c, m: c.cuda_graphs and c.compile is False,
@@ -88,8 +95,9 @@ CHECKS = (
 )
 
 
-def _fused_rmsprop_unavailable(machine):
-    """None if the fused RMSprop's Triton kernel can run on the machine's device here, else why not."""
+def _triton_unavailable(machine):
+    """None if our Triton kernels (the fused RMSprop's, --fuse-bn-relu's) can run on the machine's device here,
+    else why not."""
     import kernels
     return kernels.triton_unavailable_reason(machine.device_type)
 

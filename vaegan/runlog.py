@@ -64,6 +64,8 @@ class RunLog:
                   f"({why['optimizer_impl']})"
                   + (", thin convolutions padded to multiples of 8 channels" if cfg.pad_channels else "")
                   + (", the decoder's two passes in one call" if cfg.decoder_call == "joint" else "")
+                  + (f", BatchNorm and ReLU fused into the convolutions {', '.join(run.model.fused_convolutions)} "
+                     "(Triton)" if cfg.fuse_bn_relu else "")
                   + (f", gradients averaged {'in buckets during the backward pass' if cfg.overlap_allreduce else 'after the backward pass'}"
                      if ctx.distributed else ""))
         lr = learning_rate(cfg.lr_schedule, cfg.lr, run.start_step, cfg.lr_schedule_steps)

@@ -17,6 +17,7 @@ from .data.cache import CachedLoader, DecodedCache
 from .data.dali import DaliLoader
 from .gradients import STEP_STATS, UpdateConfig
 from .images import SampleGrids
+from .fused_layers import fuse_bn_relu
 from .models import VAEGAN, base_kind, pad_thin_convolutions
 from .optimizers import build_optimizers, follow_schedule, reset_learning_rate
 from .runlog import RunLog
@@ -49,6 +50,8 @@ def build_step(cfg, device, ctx=None, attribute_columns=None, stop=None):
     model = build_model(cfg).to(device, torch.float64 if cfg.precision == "fp64" else torch.float32)
     if cfg.pad_channels:
         pad_thin_convolutions(model)
+    if cfg.fuse_bn_relu:  # the joint decoder call computes its own layers, per half
+        model.fused_convolutions = fuse_bn_relu(model, skip=("decoder",) if cfg.decoder_call == "joint" else ())
     optimizers = build_optimizers(model, cfg, cfg.optimizer_impl, tensor_lr=cfg.compile,
                                   global_batch=cfg.batch_size * ctx.world_size)
     mode = StepMode(cfg.compile, cfg.cuda_graphs, cfg.memory_format == "channels-last", cfg.compile_backend,
