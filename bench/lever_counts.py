@@ -91,26 +91,47 @@ def padding_counts():
 
 
 def batchnorm_relu_traffic():
-    """BatchNorm + ReLU fused into the neighbouring convolutions (not implemented): what it would save, as
-    bytes of bf16 activations per image. Unfused, each training-mode BatchNorm reads its convolution's
-    output for the statistics and again to normalise, writes the normalised, rectified activation, and
-    the next convolution reads it back; fused (statistics in the convolution's epilogue, normalisation
-    and ReLU in the next one's prologue) the output is written once and read once. Forward only."""
+    """--fuse-bn-relu: the bytes of bf16 activations per image it moves less (or more), counted from the
+    fused triples' BatchNorm inputs y (E elements) over every pass of the routed step, for a compiled step
+    (inductor fuses the normalisation with the ReLU). Unfused forward: the statistics read y, the
+    normalisation reads y and writes a = relu(bn(y)), the convolution reads a: 4 passes over E. Fused: the
+    convolution reads y (1), and the statistics read y (1) unless the convolution that made y was fused too
+    (its epilogue summed them: 0). Backward: the fused op recomputes a from y (1 read, 1 write) where the
+    unfused step kept a from the forward pass: a is not held between the passes (memory) but moved twice more."""
+    from vaegan.fused_layers import FUSED_SEQUENTIALS, is_fusable_triple
     torch.manual_seed(0)
     model = VAEGAN("vaegan", 64, 3)
-    elements = []
-    hooks = [m.register_forward_hook(lambda m, i, o: elements.append(o.numel()))
-             for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    counts = {"forward_saved": 0, "backward_added": 0, "kept": 0, "calls": 0}
+
+    def count(norm, inputs, output, epilogue_sums):
+        elements = inputs[0].numel()
+        counts["calls"] += 1
+        counts["forward_saved"] += elements * (3 if epilogue_sums else 2)
+        counts["backward_added"] += elements * 2
+        counts["kept"] += elements
+
+    hooks = []
+    for name, network in model.networks().items():
+        for attribute in FUSED_SEQUENTIALS[name]:
+            layers = getattr(network, attribute)
+            for i in range(len(layers)):
+                if is_fusable_triple(layers, i):
+                    epilogue_sums = i >= 3 and is_fusable_triple(layers, i - 3)
+                    hooks.append(layers[i].register_forward_hook(
+                        lambda m, a, o, e=epilogue_sums: count(m, a, o, e)))
     x, z_prior = torch.rand(BATCH, 3, 64, 64) * 2 - 1, torch.randn(BATCH, 128)
     compute_gradients(model, x, z_prior, UpdateConfig(), 5)
     for h in hooks:
         h.remove()
-    per_image = sum(elements) / BATCH
-    saved = per_image * 2 * 2  # at least one read and one write of 2 bytes per element fewer
-    return (f"BatchNorm + ReLU fused into the convolutions (not implemented): {len(elements)} BatchNorm calls "
-            f"per step over {per_image / 1e6:.2f}M activations per image; fused, the forward would move at least "
-            f"{saved / 1e6:.1f} MB per image less ({saved * 512 / 1e9:.2f} GB per step at batch 512, "
-            f"{saved * 512 / 4.8e12 * 1e3:.2f} ms at 4.8 TB/s), and the backward about as much again")
+    forward, backward, kept = (counts[k] * 2 / BATCH for k in ("forward_saved", "backward_added", "kept"))
+    net = forward - backward
+    return (f"BatchNorm + ReLU fused into the convolutions (--fuse-bn-relu; the encoder's 2nd and 3rd, the "
+            f"discriminator's 3rd and 4th, the decoder's last): {counts['calls']} fused calls per step; the forward "
+            f"moves {forward / 1e6:.2f} MB per image less, the backward's recomputation {backward / 1e6:.2f} MB more: "
+            f"net {net / 1e6:.2f} MB per image ({net * 512 / 1e9:.2f} GB per step at batch 512, "
+            f"{net * 512 / BANDWIDTH * 1e3:.2f} ms at {BANDWIDTH / 1e12:.1f} TB/s, an estimate from the count), and "
+            f"{kept / 1e6:.2f} MB per image of activations not held from the forward pass to the backward; the "
+            f"same FLOPs (the kernel's own speed against cuDNN's is for a GPU to measure)")
 
 
 def per_image_layers_flops():

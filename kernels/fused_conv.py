@@ -88,7 +88,7 @@ def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: 
     w = weight.permute(2, 3, 1, 0).contiguous()  # (kh, kw, C, Cout): row (tap * C + c) of a (K, Cout) matrix
     y = torch.empty(batch, out_channels, ho, wo, device=x.device, dtype=weight.dtype,
                     memory_format=torch.channels_last)
-    block_n, block_k = _block(out_channels, 16, 128), _block(channels, 16, 64)
+    block_n, block_k = _block(out_channels, 16, 128), _block(channels, 16, 32)  # (no spills: kernels/aot.py)
     blocks_m = triton.cdiv(m, BLOCK_M)
     partial_sum = torch.empty(blocks_m, out_channels, device=x.device, dtype=torch.float32)
     partial_sumsq = torch.empty_like(partial_sum)
@@ -96,7 +96,7 @@ def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: 
     launcher(_bn_relu_conv_forward)[grid](
         x, scale, shift, w, w if bias is None else bias, y, partial_sum, partial_sumsq, height, width, channels, ho,
         wo, out_channels, m, stride, padding, HAS_BIAS=bias is not None, KH=kh, KW=kw, IEEE=weight.dtype == torch.float32, BLOCK_M=BLOCK_M,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_n <= 64 else 8)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n >= 64 else 4, num_stages=2)
     return y, partial_sum.sum(0), partial_sumsq.sum(0)
 
 
