@@ -282,3 +282,23 @@ def test_the_self_check_passes_and_stops_a_run_whose_kernel_disagrees(monkeypatc
         monkeypatch.setattr(rmsprop, "masked_rmsprop_", broken)
         with pytest.raises(ConfigError, match=f"--optimizer-impl fused: {message}"):
             options.resolve(cfg, torch.device(DEVICE))
+
+
+@pytest.mark.parametrize("wrong", ["decay 10% off", "alpha 0.901", "no eps"])
+def test_the_self_check_sees_every_term_of_the_update(monkeypatch, wrong):
+    # its problem makes each term visible above the tolerance, with fixed inputs: a wrong kernel fails every time
+    from kernels import rmsprop, selfcheck
+    original = rmsprop.masked_rmsprop_
+
+    def broken(param, grad, square_avg, update, lr, weight_decay=0.0, alpha=0.9, eps=1e-8):
+        if wrong == "decay 10% off":
+            weight_decay *= 1.1
+        elif wrong == "alpha 0.901":
+            alpha = 0.901
+        else:
+            eps = 0.0
+        original(param, grad, square_avg, update, lr, weight_decay, alpha, eps)
+
+    monkeypatch.setattr(rmsprop, "masked_rmsprop_", broken)
+    why = selfcheck.rmsprop_self_check(torch.device(DEVICE))
+    assert why is not None and why.startswith("the fused RMSprop disagrees with its reference"), why
