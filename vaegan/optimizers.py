@@ -64,8 +64,9 @@ class FusedMaskedRMSprop(torch.optim.RMSprop):
             if params and not isinstance(lr, torch.Tensor):
                 lr = torch.full((), lr, dtype=torch.float32, device=params[0].device)  # once per group, no copy
             for p, grad, square_avg, step in zip(params, grads, square_avgs, steps):
-                step.add_(update)
+                # the kernel's checks first: an update it refuses leaves the count as it was
                 masked_rmsprop_(p, grad, square_avg, update, lr, group["weight_decay"], group["alpha"], group["eps"])
+                step.add_(update)
 
     def load_state_dict(self, state_dict):
         """torch's, then each state in the kernel's terms: the step count on the parameter's device and
