@@ -40,8 +40,11 @@ def _masked_rmsprop(param_ptr, grad_ptr, square_avg_ptr, update_ptr, lr_ptr, n, 
     square_avg = tl.load(square_avg_ptr + i, mask=mask)
     if DECAY:
         g = tl.fma(p, weight_decay, g)  # one rounding, as torch's grad.add(param, alpha=weight_decay)
+    # torch's order: the decayed gradient enters the average, and the new average divides this step
     square_avg = alpha * square_avg + one_minus_alpha * g * g
-    p = p - tl.div_rn(lr * g, tl.sqrt_rn(square_avg) + eps)  # torch's order; IEEE-rounded, as CUDA's
+    # (lr * g) / denominator, as torch's addcdiv_ on the CPU (on CUDA it divides first: a rounding apart);
+    # IEEE-rounded, as CUDA's
+    p = p - tl.div_rn(lr * g, tl.sqrt_rn(square_avg) + eps)
     tl.store(square_avg_ptr + i, square_avg, mask=mask)
     tl.store(param_ptr + i, p, mask=mask)
 

@@ -96,7 +96,7 @@ def test_the_kernel_is_torchs_rmsprop_where_kept_and_touches_nothing_where_skipp
             assert rel_err(got[(j, "square_avg")], square_avg) <= 1e-6, (seed, i, j)
 
 
-def test_a_skipped_step_reads_no_gradient():
+def test_a_skipped_step_ignores_a_nan_gradient_that_a_kept_one_takes():
     # the flag is read first: a gradient full of NaN (the non-finite guard's case) changes nothing
     param, square_avg = torch.randn(1000, device=DEVICE), torch.rand(1000, device=DEVICE)
     grad = torch.full_like(param, float("nan"))
@@ -106,6 +106,20 @@ def test_a_skipped_step_reads_no_gradient():
         assert torch.equal(param, saved[0]) and torch.equal(square_avg, saved[1])
     masked_rmsprop_(param, grad, square_avg, torch.tensor(True, device=DEVICE), 1e-3)
     assert param.isnan().all() and square_avg.isnan().all()  # ... and a kept one does read it
+
+
+def test_an_update_the_kernel_refuses_leaves_the_step_counts_as_they_were():
+    generator, _ = fresh_generator()
+    params = parameters(generator)
+    opt = FusedMaskedRMSprop(*groups(params, 1e-2))
+    for p in params:
+        p.grad = random_grad(p, generator)
+    masked_step(opt, torch.tensor(True, device=DEVICE))
+    before = {k: v.clone() for k, v in state(opt).items()}
+    for bad in (torch.tensor(1.0, device=DEVICE), torch.ones(2, dtype=torch.bool, device=DEVICE)):
+        with pytest.raises((TypeError, ValueError), match="update must be"):
+            masked_step(opt, bad)
+        assert all(torch.equal(v, state(opt)[k]) for k, v in before.items())
 
 
 def test_tensors_that_do_not_share_one_dense_layout_are_refused():
@@ -282,3 +296,23 @@ def test_the_self_check_passes_and_stops_a_run_whose_kernel_disagrees(monkeypatc
         monkeypatch.setattr(rmsprop, "masked_rmsprop_", broken)
         with pytest.raises(ConfigError, match=f"--optimizer-impl fused: {message}"):
             options.resolve(cfg, torch.device(DEVICE))
+
+
+@pytest.mark.parametrize("wrong", ["decay 10% off", "alpha 0.901", "no eps"])
+def test_the_self_check_sees_every_term_of_the_update(monkeypatch, wrong):
+    # its problem makes each term visible above the tolerance, with fixed inputs: a wrong kernel fails every time
+    from kernels import rmsprop, selfcheck
+    original = rmsprop.masked_rmsprop_
+
+    def broken(param, grad, square_avg, update, lr, weight_decay=0.0, alpha=0.9, eps=1e-8):
+        if wrong == "decay 10% off":
+            weight_decay *= 1.1
+        elif wrong == "alpha 0.901":
+            alpha = 0.901
+        else:
+            eps = 0.0
+        original(param, grad, square_avg, update, lr, weight_decay, alpha, eps)
+
+    monkeypatch.setattr(rmsprop, "masked_rmsprop_", broken)
+    why = selfcheck.rmsprop_self_check(torch.device(DEVICE))
+    assert why is not None and why.startswith("the fused RMSprop disagrees with its reference"), why

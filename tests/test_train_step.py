@@ -1,4 +1,6 @@
 """The training step (vaegan/train_step.py): every mode gives the reference's gradients and the eager optimizers' steps."""
+import copy
+import itertools
 import json
 import os
 
@@ -14,7 +16,7 @@ from vaegan.config import ConfigError, TrainConfig
 from vaegan.distributed import Context, OverlappedGradientReducer
 from vaegan.gradients import UpdateConfig, compute_gradients, compute_gradients_reference
 from vaegan.gradients import routed_losses as compute_routed
-from vaegan.optimizers import make_optimizer, set_learning_rate
+from vaegan.optimizers import FusedMaskedRMSprop, make_optimizer, reset_implementation, set_learning_rate
 from vaegan.options import Machine, check, resolve_optimizer_impl
 from vaegan.train_step import StepMode, TrainStep
 
@@ -120,6 +122,37 @@ def test_optimizer_implementations_agree(kind, impls):
         for p, q, p0 in zip(results[0], other, start):
             moved = (p - p0).norm()
             assert moved > 0 and (q - p).norm() <= 1e-9 * moved
+
+
+def _group_entries(opt):
+    return [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
+
+
+@pytest.mark.parametrize("kind", ["rmsprop", "adam"])
+def test_a_loaded_optimizer_takes_the_current_implementations_flags(kind):
+    # a state dict holds its run's foreach, fused and capturable: loaded into another --optimizer-impl they stay
+    # the saved run's (torch's load_state_dict) until reset_implementation sets those of the optimizer built now
+    def build(impl, tensor_lr):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+        groups = [{"params": params[:1], "weight_decay": 1e-2}, {"params": params[1:], "weight_decay": 0.0}]
+        return make_optimizer(kind, impl, groups, 1e-3, tensor_lr)
+
+    differed = 0
+    for saved_impl, impl in itertools.permutations(["for-loop", "foreach", "fused"], 2):
+        saved = build(saved_impl, False)
+        for p in (p for g in saved.param_groups for p in g["params"]):
+            p.grad = torch.ones_like(p)
+        saved.step()
+        for tensor_lr in (False, True):
+            fresh, loaded = build(impl, tensor_lr), build(impl, tensor_lr)
+            loaded.load_state_dict(copy.deepcopy(saved.state_dict()))
+            if not isinstance(loaded, FusedMaskedRMSprop):  # whose own load_state_dict sets its flags
+                assert _group_entries(loaded) == _group_entries(saved)
+            differed += _group_entries(loaded) != _group_entries(fresh)
+            reset_implementation({"net": loaded}, kind, impl, tensor_lr)
+            assert _group_entries(loaded) == _group_entries(fresh), (saved_impl, impl, tensor_lr)
+    assert differed  # the case is there to fail without the reset
 
 
 def test_options_that_cannot_run_are_refused(monkeypatch):
@@ -277,6 +310,21 @@ def test_the_trainer_runs_eager_when_compiling_by_default_fails(tmp_path, monkey
     assert all(torch.equal(fell_back["model"][n], eager["model"][n]) for n in eager["model"])
     # the rate is a float again, as in a run that never compiled (a tensor rate rounds differently on CUDA)
     assert isinstance(fell_back["optimizers"]["encoder"]["param_groups"][0]["lr"], float)
+
+
+def test_a_resumed_run_steps_in_the_optimizer_implementation_it_resumes_with(tmp_path):
+    # the checkpoint's param groups hold the saved run's foreach: the trainer sets the resumed run's
+    from vaegan import checkpoint, trainer
+    out = str(tmp_path / "run")
+    trainer.train(TrainConfig(out=out, image_size=32, latent_size=16, fc_width=64, batch_size=8, workers=0,
+                              device="cpu", steps=1, sample_every=100, precision="fp32", optimizer_impl="for-loop"))
+    assert not checkpoint.load(out)["optimizers"]["encoder"]["param_groups"][0]["foreach"]
+    resumed = TrainConfig(resume=out, steps=2, optimizer_impl="foreach")
+    resumed.explicit = {"resume", "steps", "optimizer_impl"}
+    trainer.train(resumed)
+    saved = checkpoint.load(out)
+    assert saved["step"] == 2
+    assert all(g["foreach"] for opt in saved["optimizers"].values() for g in opt["param_groups"])
 
 
 def test_the_step_levers_refuse_what_they_cannot_do():

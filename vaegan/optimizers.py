@@ -46,7 +46,8 @@ class FusedMaskedRMSprop(torch.optim.RMSprop):
         # torch's RMSprop keeps a step count on the parameter's device only when capturable (else on the
         # CPU); the masked step adds the device's flag to it
         for group in self.param_groups:
-            group["capturable"] = any(p.device.type != "cpu" for p in group["params"])
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            group.update(implementation_flags("rmsprop", "fused", device))
 
     @torch.no_grad()
     def masked_step(self, update):
@@ -63,8 +64,9 @@ class FusedMaskedRMSprop(torch.optim.RMSprop):
             if params and not isinstance(lr, torch.Tensor):
                 lr = torch.full((), lr, dtype=torch.float32, device=params[0].device)  # once per group, no copy
             for p, grad, square_avg, step in zip(params, grads, square_avgs, steps):
-                step.add_(update)
+                # the kernel's checks first: an update it refuses leaves the count as it was
                 masked_rmsprop_(p, grad, square_avg, update, lr, group["weight_decay"], group["alpha"], group["eps"])
+                step.add_(update)
 
     def load_state_dict(self, state_dict):
         """torch's, then each state in the kernel's terms: the step count on the parameter's device and
@@ -102,16 +104,27 @@ def make_optimizer(kind, impl, groups, lr, tensor_lr):
     host value); the fused RMSprop keeps its counts on the parameters' device everywhere."""
     first = next(p for g in groups for p in (g["params"] if isinstance(g, dict) else [g]))
     lr_value = torch.tensor(lr, device=first.device) if tensor_lr else lr
-    flags = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}.get(impl, {})
-    if first.is_cuda and impl in ("for-loop", "foreach"):
-        flags["capturable"] = True
     if kind == "rmsprop" and impl == "fused":
         return FusedMaskedRMSprop(groups, lr=lr_value, alpha=0.9, eps=1e-8)
+    flags = implementation_flags(kind, impl, first.device, tensor_lr)
     if kind == "rmsprop":
         return torch.optim.RMSprop(groups, lr=lr_value, alpha=0.9, eps=1e-8, **flags)
-    if tensor_lr and impl == "foreach":
-        flags["capturable"] = True  # torch's foreach Adam takes a tensor learning rate only when capturable
     return torch.optim.Adam(groups, lr=lr_value, betas=(0.5, 0.999), **flags)
+
+
+def implementation_flags(kind, impl, device, tensor_lr=False):
+    """The param-group entries that choose how `kind` steps in `impl` for parameters on `device` (foreach,
+    fused, capturable), as make_optimizer builds it: every one, torch's defaults too, since a loaded state
+    dict replaces them all with the saved run's."""
+    if kind == "rmsprop" and impl == "fused":  # FusedMaskedRMSprop: its counts on the parameters' device
+        return {"foreach": False, "capturable": device.type != "cpu"}
+    flags = {"foreach": {"for-loop": False, "foreach": True}.get(impl),
+             "capturable": device.type == "cuda" and impl in ("for-loop", "foreach")}
+    if kind == "adam":
+        flags["fused"] = True if impl == "fused" else None
+        if tensor_lr and impl == "foreach":
+            flags["capturable"] = True  # torch's foreach Adam takes a tensor learning rate only when capturable
+    return flags
 
 
 def set_learning_rate(optimizers, lr):
@@ -131,6 +144,21 @@ def reset_learning_rate(optimizers, lr, tensor_lr):
         for group in opt.param_groups:
             device = group["params"][0].device if group["params"] else "cpu"
             group["lr"] = torch.tensor(lr, device=device) if tensor_lr else lr
+
+
+def reset_implementation(optimizers, kind, impl, tensor_lr):
+    """After loading a state dict (whose param groups hold the saved run's foreach, fused and capturable):
+    the flags of `impl`, as make_optimizer would set them, and each step count where they keep it (as
+    torch's load_state_dict places it: on the parameter's device, in float32, when capturable or fused)."""
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            if not group["params"]:
+                continue
+            group.update(implementation_flags(kind, impl, group["params"][0].device, tensor_lr))
+            for p in group["params"]:
+                state = opt.state.get(p)
+                if state and torch.is_tensor(state.get("step")) and (group["capturable"] or group.get("fused")):
+                    state["step"] = state["step"].to(dtype=torch.float32, device=p.device)
 
 
 def masked_step(optimizer, update):

@@ -19,7 +19,7 @@ from .gradients import STEP_STATS, UpdateConfig
 from .images import SampleGrids
 from .fused_layers import fuse_bn_relu
 from .models import VAEGAN, base_kind, pad_thin_convolutions
-from .optimizers import build_optimizers, follow_schedule, reset_learning_rate
+from .optimizers import build_optimizers, follow_schedule, reset_implementation, reset_learning_rate
 from .runlog import RunLog
 from .schedule import learning_rate
 from .tally import StepTally
@@ -237,9 +237,11 @@ def setup(cfg, ctx, device, saved):
             opt.load_state_dict(saved["optimizers"][name])
         start_step, skips, unreadable = saved["step"], dict(saved["skips"]), set(saved["unreadable"])
         torch.set_rng_state(saved["torch_rng"])
-    # a resumed optimizer's saved rate may be a float or a tensor on another device
+    # a resumed optimizer's saved rate may be a float or a tensor on another device, and its implementation
+    # flags (foreach, fused, capturable) are the saved run's
     reset_learning_rate(optimizers, learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps),
                         tensor_lr=cfg.compile)
+    reset_implementation(optimizers, cfg.optimizer, cfg.optimizer_impl, tensor_lr=cfg.compile)
     distributed.broadcast_state(model, ctx)
     if cfg.compile and requested.compile is None:  # compiled by default: what fails to compile runs eager
         failure = train_step.compile_now(cfg.batch_size, (cfg.channels, cfg.image_size, cfg.image_size),
@@ -253,6 +255,7 @@ def setup(cfg, ctx, device, saved):
             # a float rate, as a run that never compiled holds it (a tensor rate rounds differently on CUDA)
             reset_learning_rate(optimizers, learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps),
                                 tensor_lr=False)
+            reset_implementation(optimizers, cfg.optimizer, cfg.optimizer_impl, tensor_lr=False)
     loader, sampler, loader_kind, reasons["loader"] = open_loader(cfg, dataset, ctx, device, start_step,
                                                                   reasons["loader"], requested.loader == "auto")
     cfg = replace(cfg, loader=loader_kind)
