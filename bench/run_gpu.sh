@@ -87,14 +87,15 @@ EOF
   return $rc
 }
 
-kerneltests() {  # the fused kernels against their references, compiled for the GPU (bf16 too), the RMSprop's too
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fused_rmsprop.py
+kerneltests() {  # the fused kernels against their references, compiled for the GPU (bf16 too), the RMSprop's and
+  # --fuse-bn-relu's convolution too
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_fused_rmsprop.py tests/test_fused_conv.py
 }
 
 tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 too), routing in every mode, the
   # decoder's likelihood gradient in bf16 under inductor (the CPU learning comparison is left to the precision stage)
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gradients.py tests/test_train_step.py tests/test_loop.py \
-    tests/test_precision.py tests/test_models.py tests/test_fused_rmsprop.py -k "not learns_what_fp32"
+    tests/test_precision.py tests/test_models.py tests/test_fused_rmsprop.py tests/test_fused_conv.py -k "not learns_what_fp32"
 }
 
 bench() {  # $1: stage name (for the json), the rest: pytest arguments
@@ -134,19 +135,19 @@ stages=("$@")
 for stage in "${stages[@]}"; do
   case $stage in
     quick)  # one device call of under 10 minutes: what a short GPU session runs first
-      limit=45 run_stage preflight preflight
+      limit=40 run_stage preflight preflight
       limit=100 run_stage kerneltests kerneltests
-      VAEGAN_BENCH_BATCHES=64 limit=150 run_stage step64 bench step64 bench/test_step.py -k "fair or fastest"
-      VAEGAN_BENCH_BATCHES=64 VAEGAN_BENCH_LEVERS=pad-channels,decoder-joint,fused-rmsprop limit=180 \
+      VAEGAN_BENCH_BATCHES=64 limit=140 run_stage step64 bench step64 bench/test_step.py -k "fair or fastest"
+      VAEGAN_BENCH_BATCHES=64 VAEGAN_BENCH_LEVERS=pad-channels,decoder-joint,fused-rmsprop,fuse-bn-relu limit=210 \
         run_stage levers64 bench levers64 bench/test_levers.py
-      limit=80 run_stage profile python3 bench/profile_step.py --batches 64 --out "$out" --prefix "gpu-$stamp-$device-profile" ;;
+      limit=70 run_stage profile python3 bench/profile_step.py --batches 64 --out "$out" --prefix "gpu-$stamp-$device-profile" ;;
     preflight) run_stage preflight preflight ;;
     tests) run_stage tests tests ;;
     kerneltests) run_stage kerneltests kerneltests ;;
     kernels) run_stage kernels bench kernels bench/test_kernels.py ;;
     loaders) run_stage loaders bench loaders bench/test_loaders.py ;;
     step64|step256|step512) VAEGAN_BENCH_BATCHES=${stage#step} run_stage "$stage" bench "$stage" bench/test_step.py ;;
-    levers64|levers512) VAEGAN_BENCH_BATCHES=${stage#levers} VAEGAN_BENCH_LEVERS=${VAEGAN_BENCH_LEVERS:-pad-channels,decoder-joint,fused-rmsprop} \
+    levers64|levers512) VAEGAN_BENCH_BATCHES=${stage#levers} VAEGAN_BENCH_LEVERS=${VAEGAN_BENCH_LEVERS:-pad-channels,decoder-joint,fused-rmsprop,fuse-bn-relu} \
       run_stage "$stage" bench "$stage" bench/test_levers.py ;;
     autotune64|autotune512) VAEGAN_BENCH_BATCHES=${stage#autotune} VAEGAN_BENCH_LEVERS=max-autotune,all \
       run_stage "$stage" bench "$stage" bench/test_levers.py ;;

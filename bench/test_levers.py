@@ -8,6 +8,7 @@ and no CUDA-graph skip behind a figure). The levers:
   * pad-channels: the 3-channel convolutions computed with 8 channels (--pad-channels);
   * decoder-joint: the decoder's two passes in one call (--decoder-call joint);
   * fused-rmsprop: the masked RMSprop as the fused Triton kernel (--optimizer-impl fused);
+  * fuse-bn-relu: each BatchNorm -> ReLU -> convolution as one Triton kernel (--fuse-bn-relu);
   * max-autotune: inductor's max-autotune (--max-autotune; inductor only: not on a CPU, where the
     fastest mode compiles with aot_eager);
   * all: every lever above at once.
@@ -26,6 +27,7 @@ LEVERS = {
     "pad-channels": {"pad_channels": True},
     "decoder-joint": {"decoder_call": "joint"},
     "fused-rmsprop": {"optimizer_impl": "fused"},
+    "fuse-bn-relu": {"fuse_bn_relu": True},
 }
 if CUDA:
     LEVERS["max-autotune"] = {"max_autotune": True}
