@@ -125,6 +125,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_sum, grad_sumsq):
     x, scale, shift, weight, y = ctx.saved_tensors
+    # a frozen pass (detached weights) takes no weight gradient, a first layer's input none
+    need_input = any(ctx.needs_input_grad[:3])
+    need_weight, need_bias = ctx.needs_input_grad[3], ctx.has_bias and ctx.needs_input_grad[4]
     affine = (1, -1, 1, 1)
     pre = x.float() * scale.view(affine) + shift.view(affine)
     a = pre.clamp_min(0).to(weight.dtype)
@@ -137,7 +140,9 @@ def _backward(ctx, grad_y, grad_sum, grad_sumsq):
     a = a.contiguous(memory_format=torch.channels_last)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad, a, weight, [weight.shape[0]] if ctx.has_bias else None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1],
-        False, [0, 0], 1, (True, True, ctx.has_bias))
+        False, [0, 0], 1, (need_input, need_weight, need_bias))
+    if not need_input:
+        return None, None, None, grad_w, grad_b, None, None
     grad_pre = torch.where(pre > 0, grad_a.float(), 0.0)
     grad_x = (grad_pre * scale.view(affine)).to(x.dtype)
     grad_scale = (grad_pre * x.float()).sum((0, 2, 3))

@@ -126,3 +126,18 @@ def test_the_fused_networks_compute_what_the_modules_compute(training):
                 assert rel_err(q.grad, p.grad) < 1e-4, f"{name}.{pname}: {rel_err(q.grad, p.grad):.2e}"
     for (bname, b), c in zip(plain.named_buffers(), fused.buffers()):
         assert torch.allclose(c.double(), b.double(), rtol=1e-5, atol=1e-6), bname
+
+
+def test_the_backward_takes_only_the_gradients_asked_for():
+    # a frozen pass: the input's gradient alone (and the same as with the weight's); no input gradient: the weight's
+    inputs = op_inputs(SHAPES[1], torch.float32, seed=3)
+    x, scale, shift, weight, bias = inputs
+    g = torch.randn(3, 3, 9, 9, device=DEVICE)
+    leaf_x = x.clone().requires_grad_(True)
+    (kernels.bn_relu_conv(leaf_x, scale, shift, weight, bias, 1, 2)[0] * g).sum().backward()
+    full = [t.clone().requires_grad_(True) for t in (x, weight)]
+    (kernels.bn_relu_conv(full[0], scale, shift, full[1], bias, 1, 2)[0] * g).sum().backward()
+    assert torch.equal(leaf_x.grad, full[0].grad)
+    leaf_w = weight.clone().requires_grad_(True)
+    (kernels.bn_relu_conv(x, scale, shift, leaf_w, bias, 1, 2)[0] * g).sum().backward()
+    assert torch.equal(leaf_w.grad, full[1].grad)
