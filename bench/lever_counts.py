@@ -97,7 +97,9 @@ def batchnorm_relu_traffic():
     normalisation reads y and writes a = relu(bn(y)), the convolution reads a: 4 passes over E. Fused: the
     convolution reads y (1), and the statistics read y (1) unless the convolution that made y was fused too
     (its epilogue summed them: 0). Backward: the fused op recomputes a from y (1 read, 1 write) where the
-    unfused step kept a from the forward pass: a is not held between the passes (memory) but moved twice more."""
+    unfused step kept a from the forward pass: a is not held between the passes (memory) but moved twice more.
+    Both backward figures are upper bounds: inductor's partitioner may recompute the unfused a itself.
+    Only convolutions whose sums a BatchNorm reads compute them (with_sums), as counted here."""
     from vaegan.fused_layers import FUSED_SEQUENTIALS, is_fusable_triple
     torch.manual_seed(0)
     model = VAEGAN("vaegan", 64, 3)

@@ -46,7 +46,7 @@ KERNELS = {
                                                  y_ptr=DATA, sum_ptr=F32, sumsq_ptr=F32, H="i32", W="i32", C="i32",
                                                  Ho="i32", Wo="i32", Cout="i32", M="i32", stride="i32",
                                                  padding="i32"),
-                              lambda dtype: dict(HAS_BIAS=False, KH=5, KW=5, IEEE=dtype == "fp32", BLOCK_M=64,
+                              lambda dtype: dict(HAS_BIAS=False, KH=5, KW=5, IEEE=dtype == "fp32", SUMS=True, BLOCK_M=64,
                                                  BLOCK_N=128, BLOCK_K=32)),
 }
 OPTIONS = {"_bn_relu_conv_forward": {"num_warps": 8, "num_stages": 2}}  # other kernels: Triton's defaults

@@ -2,14 +2,16 @@
 channel for the following BatchNorm: one implicit-GEMM kernel in place of a BatchNorm pass, a ReLU pass and
 a convolution (the networks' BatchNorm -> ReLU -> convolution, --fuse-bn-relu).
 
-bn_relu_conv(x, scale, shift, weight, bias, stride, padding) -> (y, channel_sum, channel_sumsq):
+bn_relu_conv(x, scale, shift, weight, bias, stride, padding, with_sums=True) -> (y, channel_sum, channel_sumsq):
   a = relu(x * scale[c] + shift[c])          (scale, shift: the BatchNorm's affine map, float32, per channel)
   y = conv2d(a, weight, bias, stride, padding)
   channel_sum[o] = sum of y[:, o], channel_sumsq[o] = sum of y[:, o]^2   (float32, over batch and pixels)
 x, y are channels-last (NHWC in memory); the zero padding is applied after the prologue, as the unfused
 convolution pads the BatchNorm/ReLU output. The product accumulates in float32 from operands in the
-weight's dtype; y is in the weight's dtype. The sums are taken from the float32 accumulator, per block of
-output pixels, and added in torch (no atomics: deterministic).
+weight's dtype (float32 operands in TF32 where torch.backends.cudnn.allow_tf32 lets cuDNN's convolutions
+use it, as it does by default); y is in the weight's dtype. The sums are taken from the float32
+accumulator, per block of output pixels, and added in torch (no atomics: deterministic); with_sums=False
+(no BatchNorm follows) skips them.
 
 Backward (in torch): the activation a is recomputed from x (it is never stored), the convolution's
 gradients come from aten's convolution_backward, and the sums' gradients join y's (d sum/dy = 1,
@@ -23,13 +25,13 @@ from torch.library import custom_op, triton_op
 from . import interpreter_enabled
 from .launch import launcher
 
-BLOCK_M = 64  # output pixels per program
+BLOCK_M = 128 if interpreter_enabled() else 64  # output pixels per program (the interpreter's cost is per program)
 
 
 @triton.jit
 def _bn_relu_conv_forward(x_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, y_ptr, sum_ptr, sumsq_ptr,
                           H, W, C, Ho, Wo, Cout, M, stride, padding, HAS_BIAS: tl.constexpr, KH: tl.constexpr,
-                          KW: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          KW: tl.constexpr, IEEE: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -57,7 +59,7 @@ def _bn_relu_conv_forward(x_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, y_ptr, s
             a = tl.where(a_ok, a, 0.0)  # the padding is zero after BatchNorm and ReLU
             w = tl.load(w_ptr + (tap * C + ks)[:, None] * Cout + cols[None, :], mask=k_ok[:, None] & col_ok[None, :],
                         other=0.0)
-            if IEEE:  # float32 operands: float32 products, as the reference's (not TF32)
+            if IEEE:  # float32 operands multiplied in float32 (not TF32: torch.backends.cudnn.allow_tf32 off)
                 acc += tl.dot(a.to(w.dtype), w, input_precision="ieee")
             else:
                 acc += tl.dot(a.to(w.dtype), w)
@@ -65,9 +67,10 @@ def _bn_relu_conv_forward(x_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, y_ptr, s
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * Cout + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-    acc = tl.where(out_ok, acc, 0.0)
-    tl.store(sum_ptr + pid_m * Cout + cols, tl.sum(acc, axis=0), mask=col_ok)
-    tl.store(sumsq_ptr + pid_m * Cout + cols, tl.sum(acc * acc, axis=0), mask=col_ok)
+    if SUMS:
+        acc = tl.where(out_ok, acc, 0.0)
+        tl.store(sum_ptr + pid_m * Cout + cols, tl.sum(acc, axis=0), mask=col_ok)
+        tl.store(sumsq_ptr + pid_m * Cout + cols, tl.sum(acc * acc, axis=0), mask=col_ok)
 
 
 def _block(size, least, most):
@@ -79,7 +82,8 @@ def output_size(size, kernel, stride, padding):
 
 
 def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
-             bias: torch.Tensor | None, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             bias: torch.Tensor | None, stride: int, padding: int, with_sums: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, channels, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
     ho, wo = output_size(height, kh, stride, padding), output_size(width, kw, stride, padding)
@@ -90,22 +94,27 @@ def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: 
                     memory_format=torch.channels_last)
     block_n, block_k = _block(out_channels, 16, 128), _block(channels, 16, 32)  # (no spills: kernels/aot.py)
     blocks_m = triton.cdiv(m, BLOCK_M)
-    partial_sum = torch.empty(blocks_m, out_channels, device=x.device, dtype=torch.float32)
+    # (without the sums: empty, and nothing is stored to them)
+    partial_sum = torch.empty(blocks_m if with_sums else 0, out_channels, device=x.device, dtype=torch.float32)
     partial_sumsq = torch.empty_like(partial_sum)
     grid = (blocks_m, triton.cdiv(out_channels, block_n))
     launcher(_bn_relu_conv_forward)[grid](
         x, scale, shift, w, w if bias is None else bias, y, partial_sum, partial_sumsq, height, width, channels, ho,
-        wo, out_channels, m, stride, padding, HAS_BIAS=bias is not None, KH=kh, KW=kw, IEEE=weight.dtype == torch.float32, BLOCK_M=BLOCK_M,
+        wo, out_channels, m, stride, padding, HAS_BIAS=bias is not None, KH=kh, KW=kw,
+        IEEE=weight.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32, SUMS=with_sums, BLOCK_M=BLOCK_M,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n >= 64 else 4, num_stages=2)
+    if not with_sums:
+        return y, partial_sum.new_empty(0), partial_sumsq.new_empty(0)
     return y, partial_sum.sum(0), partial_sumsq.sum(0)
 
 
-def _fake(x, scale, shift, weight, bias, stride, padding):
+def _fake(x, scale, shift, weight, bias, stride, padding, with_sums):
     batch, _, height, width = x.shape
     out_channels, _, kh, kw = weight.shape
     shape = (batch, out_channels, output_size(height, kh, stride, padding), output_size(width, kw, stride, padding))
     y = x.new_empty(shape, dtype=weight.dtype).contiguous(memory_format=torch.channels_last)
-    return y, x.new_empty(out_channels, dtype=torch.float32), x.new_empty(out_channels, dtype=torch.float32)
+    sums = out_channels if with_sums else 0
+    return y, x.new_empty(sums, dtype=torch.float32), x.new_empty(sums, dtype=torch.float32)
 
 
 # As kernels/rmsprop.py: a triton_op on a GPU (torch.compile traces the launch); under the interpreter an
@@ -118,9 +127,9 @@ else:
 
 
 def _setup_context(ctx, inputs, output):
-    x, scale, shift, weight, bias, stride, padding = inputs
+    x, scale, shift, weight, bias, stride, padding, with_sums = inputs
     ctx.save_for_backward(x, scale, shift, weight, output[0])
-    ctx.has_bias, ctx.stride, ctx.padding = bias is not None, stride, padding
+    ctx.has_bias, ctx.stride, ctx.padding, ctx.with_sums = bias is not None, stride, padding, with_sums
 
 
 def _backward(ctx, grad_y, grad_sum, grad_sumsq):
@@ -131,31 +140,30 @@ def _backward(ctx, grad_y, grad_sum, grad_sumsq):
     affine = (1, -1, 1, 1)
     pre = x.float() * scale.view(affine) + shift.view(affine)
     a = pre.clamp_min(0).to(weight.dtype)
-    grad = torch.zeros_like(y, dtype=torch.float32) if grad_y is None else grad_y.float()
-    if grad_sum is not None:
-        grad = grad + grad_sum.view(affine)
-    if grad_sumsq is not None:
-        grad = grad + 2 * y.float() * grad_sumsq.view(affine)
+    grad = grad_y
+    if ctx.with_sums:  # d sum/dy = 1, d sumsq/dy = 2y (custom ops hand unused outputs zeros, never None)
+        grad = grad_y.float() + grad_sum.view(affine) + 2 * y.float() * grad_sumsq.view(affine)
     grad = grad.to(weight.dtype).contiguous(memory_format=torch.channels_last)
     a = a.contiguous(memory_format=torch.channels_last)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         grad, a, weight, [weight.shape[0]] if ctx.has_bias else None, [ctx.stride] * 2, [ctx.padding] * 2, [1, 1],
         False, [0, 0], 1, (need_input, need_weight, need_bias))
     if not need_input:
-        return None, None, None, grad_w, grad_b, None, None
+        return None, None, None, grad_w, grad_b, None, None, None
     grad_pre = torch.where(pre > 0, grad_a.float(), 0.0)
     grad_x = (grad_pre * scale.view(affine)).to(x.dtype)
     grad_scale = (grad_pre * x.float()).sum((0, 2, 3))
     grad_shift = grad_pre.sum((0, 2, 3))
-    return grad_x, grad_scale, grad_shift, grad_w, grad_b, None, None
+    return grad_x, grad_scale, grad_shift, grad_w, grad_b, None, None, None
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def bn_relu_conv(x, scale, shift, weight, bias=None, stride=1, padding=0):
+def bn_relu_conv(x, scale, shift, weight, bias=None, stride=1, padding=0, with_sums=True):
     """(y, channel_sum, channel_sumsq) of conv2d(relu(x * scale + shift), weight, bias), square kernel, one
-    stride and padding for both axes; see the module's docstring."""
+    stride and padding for both axes, y channels-last; see the module's docstring. with_sums=False: the sums
+    are neither computed nor differentiated (empty tensors), for a y that no BatchNorm follows."""
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"bn_relu_conv: input {tuple(x.shape)} and weight {tuple(weight.shape)} are not an "
                          "(N, C, H, W) batch and a (Cout, C, kh, kw) convolution weight")
@@ -167,4 +175,4 @@ def bn_relu_conv(x, scale, shift, weight, bias=None, stride=1, padding=0):
         raise ValueError(f"bn_relu_conv: bias {tuple(bias.shape)} does not match {weight.shape[0]} output channels")
     if bias is not None:
         bias = bias.to(weight.dtype)
-    return _op(x.to(weight.dtype), scale, shift, weight, bias, stride, padding)
+    return _op(x.to(weight.dtype), scale, shift, weight, bias, stride, padding, with_sums)

@@ -104,12 +104,14 @@ def masked_rmsprop_reference_(param, grad, square_avg, update, lr, weight_decay=
     param.copy_(torch.where(update, new_param, param))
 
 
-def bn_relu_conv_reference(x, scale, shift, weight, bias=None, stride=1, padding=0):
+def bn_relu_conv_reference(x, scale, shift, weight, bias=None, stride=1, padding=0, with_sums=True):
     """The bn_relu_conv op (kernels/fused_conv.py) unfused: (y, channel_sum, channel_sumsq) of
     y = conv2d(relu(x * scale + shift), weight, bias), the activation rounded to the weight's dtype as the
     kernel rounds its operands, the sums in float32."""
     affine = (1, -1, 1, 1)
     a = (at_least_fp32(x) * scale.view(affine) + shift.view(affine)).clamp_min(0).to(weight.dtype)
     y = F.conv2d(a, weight, None if bias is None else bias.to(weight.dtype), stride, padding)
+    if not with_sums:
+        return y, y.new_empty(0, dtype=torch.float32), y.new_empty(0, dtype=torch.float32)
     y32 = at_least_fp32(y)
     return y, y32.sum((0, 2, 3)), y32.pow(2).sum((0, 2, 3))

@@ -257,16 +257,28 @@ def test_one_step_updates_each_batchnorm_once_from_the_pass_it_belongs_to(kind, 
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-15), name
 
 
-@pytest.mark.parametrize("variant", [dict(kind="vaegan"), dict(kind="vaegan", decoder_call="joint", dis_sees_recon=True)],
-                         ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
-def test_the_fused_bn_relu_convolutions_route_as_the_reference(variant):
+def narrow(size, seed, batch=4, latent=12):
+    """make()'s inputs for a VAE/GAN at 1/8 of the paper's widths, float32: the 64 px networks' layer
+    sequence (where a fused convolution's sums feed the next BatchNorm) at a cost Triton's interpreter takes."""
+    torch.manual_seed(seed)
+    model = VAEGAN("vaegan", size, 3, latent_size=latent, fc_width=40, width=0.125)
+    x = torch.rand(batch, 3, size, size) * 2 - 1
+    return model, x, philox.rows_randn(NOISE_SEED, batch, latent), torch.randn(batch, latent)
+
+
+@pytest.mark.parametrize("size,variant", [(64, dict(kind="vaegan")),
+                                          (32, dict(kind="vaegan", decoder_call="joint", dis_sees_recon=True))],
+                         ids=lambda v: str(v) if isinstance(v, int) else "-".join(f"{k}={v[k]}" for k in v))
+def test_the_fused_bn_relu_convolutions_route_as_the_reference(size, variant):
     # --fuse-bn-relu (Triton, under the interpreter on a CPU): the fused step's gradients and running
-    # statistics against the reference routing of the same networks unfused, in float32
+    # statistics against the reference routing of the same networks unfused, in float32, at gamma 1e-6
     from vaegan.fused_layers import fuse_bn_relu
-    plain, x, eps, z_prior = make(variant["kind"], seed=11, dtype=torch.float32)
+    plain, x, eps, z_prior = narrow(size, seed=11)
     fused = copy.deepcopy(plain)
-    names = fuse_bn_relu(fused, skip=("decoder",) if variant.get("decoder_call") == "joint" else ())
-    assert names and all(not n.startswith("decoder") for n in names) == (variant.get("decoder_call") == "joint")
+    joint = variant.get("decoder_call") == "joint"
+    names = fuse_bn_relu(fused, skip=("decoder",) if joint else ())
+    assert names == (["encoder.body.3", "encoder.body.6", "decoder.body.13", "discriminator.features.5",
+                      "discriminator.features.8"] if size == 64 else ["encoder.body.3", "discriminator.features.5"])
     start = {n: b.clone() for n, b in plain.named_buffers()}
     cfg = UpdateConfig(gamma=1e-6, **variant)
     fast_stats = compute_gradients(fused, x, z_prior, cfg, NOISE_SEED)

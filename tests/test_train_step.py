@@ -78,6 +78,29 @@ def test_the_fused_kernels_route_exactly_when_compiled():
         assert_same_grads(grads(model), reference_grads(model, x, z_prior, cfg, seed), rtol=1e-3)
 
 
+def test_the_compiled_step_with_fused_bn_relu_gives_the_reference_gradients():
+    # --fuse-bn-relu inside a compiled step: inductor with the Triton kernel on a GPU; on a CPU aot_eager with the
+    # interpreter's opaque op (its fake and its backward traced); against the unfused reference routing
+    from test_gradients import narrow
+    from vaegan.fused_layers import fuse_bn_relu
+    torch._dynamo.reset()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain, x, _, z_prior = narrow(64, seed=5)
+    plain, x, z_prior = plain.to(device), x.to(device), z_prior.to(device)
+    fused = copy.deepcopy(plain)
+    assert len(fuse_bn_relu(fused)) == 5
+    cfg = UpdateConfig(gamma=1e-6)
+    mode = StepMode(compile=True, channels_last=True, backend="inductor" if device == "cuda" else "aot_eager")
+    step = TrainStep(fused, optimizers(fused, tensor_lr=True), cfg, None, mode)
+    # against float64: at these widths the unfused float32 channels-last step on a CPU is 4% off float64 in the
+    # decoder's first layers (the contiguous one and the fused one agree with float64 to 1e-5), so it is no reference
+    plain, x64, z64 = plain.double(), x.double(), z_prior.double()
+    for seed in (NOISE_SEED, NOISE_SEED + 1):
+        step.gradients(x, z_prior, seed)
+        want = {n: g.float() for n, g in reference_grads(plain, x64, z64, cfg, seed).items()}
+        assert_same_grads(grads(fused), want, rtol=1e-3 if device == "cuda" else 1e-4)
+
+
 def test_compiled_masked_optimizer_steps_follow_eager_and_a_new_learning_rate_does_not_recompile():
     torch._dynamo.reset()
     # float64: RMSProp's first steps are nearly sign(gradient) * lr, which float32 rounding of a

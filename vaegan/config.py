@@ -242,8 +242,8 @@ def add_train_arguments(parser):
            "one joint call over both with each BatchNorm normalising each half with its own statistics and each "
            "weight's gradient taken per half, as separate calls do (default: separate)")
     a("--fuse-bn-relu", action=argparse.BooleanOptionalAction, default=d.fuse_bn_relu,
-      help="compute each BatchNorm -> ReLU -> convolution (the encoder's 2nd and 3rd convolutions, the "
-           "discriminator's 3rd and 4th, the decoder's last) as one Triton kernel that applies the BatchNorm and "
+      help="compute each BatchNorm -> ReLU -> convolution (at 64 px the encoder's 2nd and 3rd convolutions, the "
+           "discriminator's 3rd and 4th, the decoder's last, unless --pad-channels pads it) as one Triton kernel that applies the BatchNorm and "
            "ReLU as it loads the convolution's input and sums its output for the next BatchNorm; the same maths, "
            "other rounding (CUDA, or Triton's interpreter on a CPU; not the joint decoder call's) (default: off)")
     a("--no-overlap-allreduce", dest="overlap_allreduce", action="store_false",
