@@ -30,9 +30,11 @@ BLOCK_M = 128 if interpreter_enabled() else 64  # output pixels per program (the
 
 @triton.jit
 def _bn_relu_conv_forward(x_ptr, scale_ptr, shift_ptr, w_ptr, bias_ptr, y_ptr, sum_ptr, sumsq_ptr,
-                          H, W, C, Ho, Wo, Cout, M, stride, padding, HAS_BIAS: tl.constexpr, KH: tl.constexpr,
+                          H, W, Ho, Wo, Cout, M, stride, padding, C: tl.constexpr, HAS_BIAS: tl.constexpr, KH: tl.constexpr,
                           KW: tl.constexpr, IEEE: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):
+    # C (input channels) is a compile-time constant: the bound of the channel loop, one compilation per layer
+    # width (Triton 3.6's interpreter cannot take a runtime loop bound under NumPy 2.4)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (n, oh, ow), flattened
@@ -99,8 +101,8 @@ def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: 
     partial_sumsq = torch.empty_like(partial_sum)
     grid = (blocks_m, triton.cdiv(out_channels, block_n))
     launcher(_bn_relu_conv_forward)[grid](
-        x, scale, shift, w, w if bias is None else bias, y, partial_sum, partial_sumsq, height, width, channels, ho,
-        wo, out_channels, m, stride, padding, HAS_BIAS=bias is not None, KH=kh, KW=kw,
+        x, scale, shift, w, w if bias is None else bias, y, partial_sum, partial_sumsq, height, width, ho, wo,
+        out_channels, m, stride, padding, C=channels, HAS_BIAS=bias is not None, KH=kh, KW=kw,
         IEEE=weight.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32, SUMS=with_sums, BLOCK_M=BLOCK_M,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n >= 64 else 4, num_stages=2)
     if not with_sums:
