@@ -11,8 +11,11 @@ Written per batch: PREFIX-bBATCH.md and PREFIX-bBATCH.json (PREFIX: --prefix, de
 img/s of each variant, and for each the kernel table by CUDA time per step, its top kernels with
 their share, and the time grouped into convolutions, matmul/GEMM, elementwise/fused Triton, our
 fused losses, normalisation, optimizer, and copies/other. A kernel launched by an eager aten op is
-grouped by that op (aten::cudnn_convolution, aten::mm, ...); otherwise, as inside compiled code and
-CUDA graphs, by its name (kernel_group): that naming is the part to check against a GPU's tables.
+grouped by that op (aten::cudnn_convolution, aten::mm, ...); one seen without its op, as inside compiled
+code and CUDA graphs, by the op that launched the same kernel in an eager variant of this run (the fair
+mode runs cuDNN's and cuBLAS's kernels eagerly), else by its name (kernel_group): that naming is the part
+to check against a GPU's tables. The files are rewritten after each variant, so a run stopped by a time
+limit keeps what it measured (and says which variants are missing).
 
 On a CPU the same script runs at tiny sizes with CPU time per op (self time) in place of kernels,
 the reference losses only by default (the Triton interpreter would time Python), and the "aot_eager"
@@ -105,12 +108,25 @@ def kernel_rows(prof, steps):
         for name, us in totals.items():
             launched_by = launchers[name].most_common(1)[0][0] if launchers[name] else None
             rows.append({"name": name, "group": kernel_group(name, launched_by), "launched_by": launched_by,
+                         "grouped_by": "launching op" if launched_by else "name",
                          "calls_per_step": calls[name] / steps, "us_per_step": us / steps})
     else:
-        rows = [{"name": e.key, "group": kernel_group(e.key), "launched_by": None, "calls_per_step": e.count / steps,
-                 "us_per_step": e.self_cpu_time_total / steps}
+        rows = [{"name": e.key, "group": kernel_group(e.key), "launched_by": None, "grouped_by": "name",
+                 "calls_per_step": e.count / steps, "us_per_step": e.self_cpu_time_total / steps}
                 for e in prof.key_averages() if e.self_cpu_time_total > 0]
     return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def regroup(variants, top):
+    """A kernel seen without its launching op (inside CUDA graphs and compiled code) takes the group of the
+    same kernel where an eager op launched it in this run (cuDNN's convolutions and cuBLAS's GEMMs share
+    names such as sm90_xmma_gemm_*); each variant's summary is then made again."""
+    by_launch = {r["name"]: r["group"] for v in variants.values() for r in v["profile_rows"] if r["launched_by"]}
+    for v in variants.values():
+        for r in v["profile_rows"]:
+            if not r["launched_by"] and r["name"] in by_launch:
+                r["group"], r["grouped_by"] = by_launch[r["name"]], "the same kernel's launching op in this run"
+        v["profile"] = summarise(v["profile_rows"], v["seconds_per_step"], top)
 
 
 def summarise(rows, seconds_per_step, top):
@@ -155,7 +171,7 @@ def run_variant(mode, kernels, batch, args):
             "steps_timed": args.steps, "warmup_steps": args.warmup, "profiled_steps": args.profile_steps,
             "memory_at_start_bytes": start_bytes, **memory, **compiled, "fell_back": fell_back,
             "parameters_finite": finite,
-            "profile": summarise(kernel_rows(prof, args.profile_steps), seconds, args.top)}
+            "profile_rows": kernel_rows(prof, args.profile_steps)}
 
 
 def environment(argv):
@@ -166,6 +182,12 @@ def environment(argv):
             "command": "python bench/profile_step.py " + " ".join(argv),
             "sizes": {"image_size": baseline.SIZE, "channels": baseline.CHANNELS, "latent": baseline.LATENT,
                       "fc_width": baseline.FC}}
+
+
+def launched(row):
+    if row["launched_by"]:
+        return row["launched_by"]
+    return "- (grouped as an eager op launched it)" if row["grouped_by"] != "name" else "-"
 
 
 def fmt_name(name, width=110):
@@ -187,6 +209,9 @@ def markdown(report):
              "with CUDA graphs. `+triton`: the fused losses; `+torch`: the reference losses.", ""]
     if not CUDA:
         lines += ["**On a CPU at tiny sizes: the figures only show that the script runs.**", ""]
+    missing = [name for name in report.get("planned", ()) if name not in variants]
+    if missing:
+        lines += [f"**Incomplete: not measured (the run stopped first): {', '.join(missing)}.**", ""]
     lines += ["| variant | img/s | ms/step | vs fair+torch | peak allocated | peak reserved | "
               f"{unit}/step | busy / step | fell back |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     ref = variants.get("fair+torch")
@@ -216,7 +241,7 @@ def markdown(report):
                   "| share | us/step | calls/step | group | name | launched by |", "| ---: | ---: | ---: | --- | --- | --- |"]
         for r in p["top"]:
             lines.append(f"| {r['share']:.1%} | {r['us_per_step']:,.1f} | {r['calls_per_step']:g} | {r['group']} | "
-                         f"`{fmt_name(r['name'])}` | {r['launched_by'] or '-'} |")
+                         f"`{fmt_name(r['name'])}` | {launched(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +250,8 @@ def parse(argv):
     parser.add_argument("--batches", default="64,512" if CUDA else "2")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--prefix", default="profile", help="file names: OUT/PREFIX-bBATCH.{md,json}")
-    parser.add_argument("--modes", default="fastest,fair", help="of fastest, fair")
+    parser.add_argument("--modes", default="fair,fastest",
+                        help="of fair, fastest (fair first: eager and quick, it names the kernels for the compiled)")
     parser.add_argument("--kernels", default="triton,torch" if CUDA else "torch",
                         help="of triton, torch (on a CPU triton runs in the interpreter)")
     parser.add_argument("--steps", type=int, default=50 if CUDA else 2, help="event-timed steps per variant")
@@ -235,6 +261,14 @@ def parse(argv):
     parser.add_argument("--width", type=float, default=baseline.WIDTH if CUDA else 0.25,
                         help="channel-width multiplier (default: the paper's on CUDA, a quarter on a CPU)")
     return parser.parse_args(argv)
+
+
+def write(path, report):
+    """PATH.json and PATH.md, each replaced whole (written aside, then renamed)."""
+    for suffix, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
+        with open(path + suffix + ".part", "w") as f:
+            f.write(text)
+        os.replace(path + suffix + ".part", path + suffix)
 
 
 def main(argv=None):
@@ -247,19 +281,18 @@ def main(argv=None):
     reports = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         variants = {}
+        planned = [f"{mode}+{kernels}" for mode in args.modes.split(",") for kernels in args.kernels.split(",")]
+        report = {"batch": batch, "steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps,
+                  "environment": env, "planned": planned, "variants": variants}
+        path = os.path.join(args.out, f"{args.prefix}-b{batch}")
         for mode in args.modes.split(","):
             for kernels in args.kernels.split(","):
                 name = f"{mode}+{kernels}"
                 variants[name] = run_variant(mode, kernels, batch, args)
+                regroup(variants, args.top)
                 print(f"batch {batch} {name}: {variants[name]['img_per_s']:,.1f} img/s "
                       f"({variants[name]['seconds_per_step'] * 1e3:.2f} ms/step)", flush=True)
-        report = {"batch": batch, "steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps,
-                  "environment": env, "variants": variants}
-        path = os.path.join(args.out, f"{args.prefix}-b{batch}")
-        with open(path + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        with open(path + ".md", "w") as f:
-            f.write(markdown(report))
+                write(path, report)  # after each variant: a stage stopped by its time limit keeps what it measured
         print(f"wrote {path}.md and .json", flush=True)
         reports[batch] = report
     return reports

@@ -2,7 +2,7 @@
 # What a lent GPU should run, in stages that each fit one command of the device tool (10 minutes):
 #
 #   bash bench/run_gpu.sh quick                    # one call under 10 minutes, first in a short session: preflight,
-#                                                  # kerneltests, step64 (fair, fastest), levers64, profile at 64
+#                                                  # kerneltests, step64 (fair, fastest), profile at 64, levers64
 #   bash bench/run_gpu.sh preflight tests          # one call (kerneltests: the kernels' tests alone)
 #   bash bench/run_gpu.sh kernels loaders          # the next
 #   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each):
@@ -16,7 +16,7 @@
 #   bash bench/run_gpu.sh all                      # every stage in order (on a node without a time limit)
 #
 # Every stage runs under `timeout $STAGE_SECONDS` (540 by default) and writes its own file,
-# gpu-DATE-DEVICE-STAGE.txt (+ .json for benchmarks, .json and .md for precision, -bBATCH.md and
+# gpu-DATE-DEVICE-STAGE.txt (+ .json and -rows.jsonl for benchmarks, .json and .md for precision, -bBATCH.md and
 # .json per batch for profile), under $OUT
 # (the device tool's folder) or bench/results/, headed by the device, the versions, the date and
 # the command: commit them.
@@ -98,9 +98,10 @@ tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 to
     tests/test_precision.py tests/test_models.py tests/test_fused_rmsprop.py tests/test_fused_conv.py -k "not learns_what_fp32"
 }
 
-bench() {  # $1: stage name (for the json), the rest: pytest arguments
+bench() {  # $1: stage name (for the json), the rest: pytest arguments; each row also goes to STAGE-rows.jsonl
+  # as it is measured (pytest-benchmark's json is written at the end: a stopped stage keeps the rows file)
   local stage=$1; shift
-  python3 -m pytest -q -p no:logging -p no:cacheprovider "$@" \
+  VAEGAN_BENCH_ROWS="$out/gpu-$stamp-$device-$stage-rows.jsonl" python3 -m pytest -q -p no:logging -p no:cacheprovider "$@" \
     --benchmark-json="$out/gpu-$stamp-$device-$stage.json" --benchmark-columns=median,rounds,iterations
 }
 
@@ -134,13 +135,15 @@ stages=("$@")
 [ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 levers64 autotune64 levers512 autotune512 profile train precision loop)
 for stage in "${stages[@]}"; do
   case $stage in
-    quick)  # one device call of under 10 minutes: what a short GPU session runs first
+    quick)  # one device call of under 10 minutes: what a short GPU session runs first. Each part keeps what it
+      # measured if its limit stops it (rows files, the profile rewritten per variant); the levers last, the likeliest
+      # gains first (each is a fresh compile of about a minute)
       limit=40 run_stage preflight preflight
-      limit=100 run_stage kerneltests kerneltests
-      VAEGAN_BENCH_BATCHES=64 limit=140 run_stage step64 bench step64 bench/test_step.py -k "fair or fastest"
-      VAEGAN_BENCH_BATCHES=64 VAEGAN_BENCH_LEVERS=pad-channels,decoder-joint,fused-rmsprop,fuse-bn-relu limit=210 \
-        run_stage levers64 bench levers64 bench/test_levers.py
-      limit=70 run_stage profile python3 bench/profile_step.py --batches 64 --out "$out" --prefix "gpu-$stamp-$device-profile" ;;
+      limit=90 run_stage kerneltests kerneltests
+      VAEGAN_BENCH_BATCHES=64 limit=130 run_stage step64 bench step64 bench/test_step.py -k "fair or fastest"
+      limit=120 run_stage profile python3 bench/profile_step.py --batches 64 --out "$out" --prefix "gpu-$stamp-$device-profile"
+      VAEGAN_BENCH_BATCHES=64 VAEGAN_BENCH_LEVERS=decoder-joint,fused-rmsprop,fuse-bn-relu,pad-channels limit=160 \
+        run_stage levers64 bench levers64 bench/test_levers.py ;;
     preflight) run_stage preflight preflight ;;
     tests) run_stage tests tests ;;
     kerneltests) run_stage kerneltests kerneltests ;;

@@ -29,6 +29,7 @@ The method:
   * compiled figures did not fall back: no recompile-limit hit, no CUDA-graph skip.
 On a machine without CUDA the tests run at tiny sizes, only to show that they run and report.
 """
+import json
 import os
 
 import pytest
@@ -48,6 +49,15 @@ PEAK = {"H100": 989.4e12, "H200": 989.4e12}
 ROWS = [(mode, batch) for batch in BATCHES for mode in MODES]  # this order: each batch's references first
 
 _figures, _routed_flops = {}, {}
+# bench/run_gpu.sh: one JSON line per row, appended as soon as it is measured (pytest-benchmark writes its
+# file at the end of the session: a stage stopped by its time limit keeps these)
+ROWS_FILE = os.environ.get("VAEGAN_BENCH_ROWS")
+
+
+def record(row, figures):
+    if ROWS_FILE:
+        with open(ROWS_FILE, "a") as f:
+            f.write(json.dumps({"row": row, **figures}, default=str) + "\n")
 
 
 def counted_flops(step):
@@ -110,6 +120,7 @@ def reference(request, mode, batch):
         if row_selected(request, mode, batch):
             return None
         _figures[(mode, batch)] = {**measure(mode, batch), "measured_without_row": True}
+        record(f"{mode}-{batch} (a reference, measured without its row)", _figures[(mode, batch)])
     return _figures[(mode, batch)]
 
 
@@ -138,6 +149,7 @@ def test_step_throughput(benchmark, request, mode, batch):
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "cudnn_benchmark": torch.backends.cudnn.benchmark})
     benchmark.extra_info.update(figures)
+    record(f"{mode}-{batch}", figures)
     assert figures["img_per_s"] > 0 and useful_flops > 0
     if mode in ("port", "fair"):  # a reference's row reports the figure the other rows' ratios use
         assert (port if mode == "port" else fair) is figures

@@ -70,6 +70,24 @@ def test_kernel_groups(name, launcher, group):
     assert profile_step.kernel_group(name, launcher) == group
 
 
+def test_a_kernel_without_its_op_takes_the_group_its_eager_launch_gave():
+    # inside CUDA graphs a cuDNN convolution named like a GEMM has no launching op: the eager variant's op names it
+    gemm_named_conv = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64"
+
+    def row(name, launcher):
+        return {"name": name, "group": profile_step.kernel_group(name, launcher), "launched_by": launcher,
+                "grouped_by": "launching op" if launcher else "name", "calls_per_step": 1.0, "us_per_step": 10.0}
+    variants = {"fair+torch": {"seconds_per_step": 1e-3, "profile_rows": [row(gemm_named_conv, "aten::cudnn_convolution")]},
+                "fastest+torch": {"seconds_per_step": 1e-3, "profile_rows": [row(gemm_named_conv, None),
+                                                                            row("nvjet_tst_128x256", None)]}}
+    assert variants["fastest+torch"]["profile_rows"][0]["group"] == "matmul / GEMM"  # by its name alone
+    profile_step.regroup(variants, top=5)
+    compiled = variants["fastest+torch"]
+    assert [r["group"] for r in compiled["profile_rows"]] == ["convolution", "matmul / GEMM"]
+    assert compiled["profile_rows"][1]["grouped_by"] == "name"
+    assert compiled["profile"]["groups"]["convolution"]["share"] == pytest.approx(0.5)
+
+
 def test_profile_step_runs_at_tiny_sizes(tmp_path):
     """The script's main, as bench/run_gpu.sh's profile stage runs it, at tiny sizes: the compiled
     fastest step and the fair eager step with the reference losses (one thread: on a shared
@@ -94,3 +112,7 @@ def test_profile_step_runs_at_tiny_sizes(tmp_path):
     assert report["variants"]["fastest+torch"]["compile"] and report["variants"]["fastest+torch"]["unique_graphs"] > 0
     text = (tmp_path / "smoke-b2.md").read_text()
     assert "by group" in text and "fastest+torch" in text and "fair+torch" in text
+    assert report["planned"] == ["fastest+torch", "fair+torch"] and "Incomplete" not in text
+    assert not list(tmp_path.glob("*.part"))
+    stopped = dict(report, planned=[*report["planned"], "fair+triton"])  # as a run stopped before its last variant
+    assert "Incomplete: not measured (the run stopped first): fair+triton." in profile_step.markdown(stopped)

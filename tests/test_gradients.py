@@ -127,6 +127,31 @@ def test_the_joint_decoder_call_computes_what_two_calls_compute(dtype, padded):
         assert torch.allclose(joint_buffers[name].double(), value.double(), rtol=rtol, atol=1e-7), name
 
 
+@pytest.mark.parametrize("variant", [dict(kind="vaegan"),
+                                     dict(kind="vaegan", decoder_call="joint", saturating=False, dis_sees_recon=True)],
+                         ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_the_padded_thin_convolutions_route_as_the_reference(variant):
+    # --pad-channels: the convolutions with 3 image channels computed with 8 (zeros) give each network the
+    # reference routing's gradients of the unpadded networks, at the paper's gamma, and the same running statistics
+    plain, x, eps, z_prior = make(variant["kind"], seed=9)
+    padded = copy.deepcopy(plain)
+    assert pad_thin_convolutions(padded) == ["encoder.body.0", "decoder.body.10", "discriminator.features.0"]
+    start = {n: b.clone() for n, b in plain.named_buffers()}
+    cfg = UpdateConfig(gamma=1e-6, **variant)
+    fast_stats = compute_gradients(padded, x, z_prior, cfg, NOISE_SEED)
+    compute_gradients(plain, x, z_prior, cfg, NOISE_SEED)  # the unpadded step's running statistics
+    for (name, b), c in zip(plain.named_buffers(), padded.buffers()):
+        assert torch.allclose(c, b, rtol=1e-12, atol=1e-15), name
+    with torch.no_grad():
+        for n, b in plain.named_buffers():
+            b.copy_(start[n])
+    ref_stats = compute_gradients_reference(plain, x, eps, z_prior, cfg)
+    assert_same_grads(grads(padded), grads(plain), rtol=1e-9)
+    assert {n for n, _ in padded.named_parameters()} == {n for n, _ in plain.named_parameters()}  # no new parameters
+    for name in ref_stats:
+        assert torch.allclose(fast_stats[name], ref_stats[name], rtol=1e-10), name
+
+
 def test_the_joint_decoder_call_takes_halves_of_equal_size():
     model, x, _, z_prior = make("vaegan")
     with pytest.raises(ValueError, match="halves of equal size, not 4 and 3 rows"):
