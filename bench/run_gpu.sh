@@ -12,7 +12,8 @@
 #                                                  # without it (bench/test_levers.py); autotune: max-autotune, all
 #   bash bench/run_gpu.sh train                    # 300 real steps, fastest configuration
 #   bash bench/run_gpu.sh precision                # held-out learning curves: fastest vs eager fp32 (and the VAE)
-#   bash bench/run_gpu.sh loop                     # the whole loop against the bare step (bench/test_loop.py)
+#   bash bench/run_gpu.sh loop                     # the whole loop against the bare step (bench/test_loop.py);
+#                                                  # loop512: the same at batch 512 (the 25,000 img/s goal)
 #   bash bench/run_gpu.sh all                      # every stage in order (on a node without a time limit)
 #
 # Every stage runs under `timeout $STAGE_SECONDS` (540 by default) and writes its own file,
@@ -132,7 +133,7 @@ export -f preflight kerneltests tests bench train precision
 export out stamp device cores limit
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && { sed -n 2,25p "$0"; exit 2; }
-[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 levers64 autotune64 levers512 autotune512 profile train precision loop)
+[ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 levers64 autotune64 levers512 autotune512 profile train precision loop loop512)
 for stage in "${stages[@]}"; do
   case $stage in
     quick)  # one device call of under 10 minutes: what a short GPU session runs first. Each part keeps what it
@@ -159,6 +160,7 @@ for stage in "${stages[@]}"; do
     train) run_stage train train ;;
     precision) run_stage precision precision ;;
     loop) run_stage loop bench loop bench/test_loop.py -s ;;
-    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 levers64 levers512 autotune64 autotune512 profile train precision loop quick all)"; exit 2 ;;
+    loop512) VAEGAN_BENCH_LOOP_BATCH=512 run_stage loop512 bench loop512 bench/test_loop.py -s ;;
+    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 levers64 levers512 autotune64 autotune512 profile train precision loop loop512 quick all)"; exit 2 ;;
   esac
 done
