@@ -15,12 +15,15 @@ import subprocess
 import sys
 import tempfile
 
+from .fused_conv import launch_config
+
 TARGETS = (80, 90)
 DTYPES = ("fp32", "bf16", "fp16")
 DATA = "*{dtype}"   # a tensor in the step's precision
 F32 = "*fp32"       # per-sample losses, partial sums and their gradients are float32 whatever the precision
 
-# kernel name: (module, signature of its runtime arguments, constexpr values as the ops launch them)
+# label (the kernel's name[@variant]): (module, signature of its runtime arguments, constexpr values as the ops
+# launch them, or a function of the dtype giving them)
 KERNELS = {
     "_reparam_kl_forward": ("reparam", dict(mu_ptr=DATA, logvar_ptr=DATA, z_ptr=DATA, kl_ptr=F32, seed_ptr="*i64",
                                             row_offset="i32", columns="i32"), dict(BLOCK=128)),
@@ -39,16 +42,22 @@ KERNELS = {
     "_masked_rmsprop": ("rmsprop", dict(param_ptr=F32, grad_ptr=F32, square_avg_ptr=F32, update_ptr="*i1", lr_ptr=F32,
                                         n="i32", weight_decay="fp32", alpha="fp32", one_minus_alpha="fp32",
                                         eps="fp32"), dict(DECAY=True, BLOCK=1024)),
-    # as the op launches it for the networks' widest fused convolution (the discriminator's 4th: 256 input and
-    # 256 output channels): 64 pixels x 128 channels per program, 32 input channels a product, 8 warps, 2 stages;
-    # float32 operands multiplied in float32 (IEEE)
-    "_bn_relu_conv_forward": ("fused_conv", dict(x_ptr=DATA, scale_ptr=F32, shift_ptr=F32, w_ptr=DATA, bias_ptr=DATA,
-                                                 y_ptr=DATA, sum_ptr=F32, sumsq_ptr=F32, H="i32", W="i32", Ho="i32",
-                                                 Wo="i32", Cout="i32", M="i32", stride="i32", padding="i32"),
-                              lambda dtype: dict(C=256, HAS_BIAS=False, KH=5, KW=5, IEEE=dtype == "fp32", SUMS=True, BLOCK_M=64,
-                                                 BLOCK_N=128, BLOCK_K=32)),
 }
-OPTIONS = {"_bn_relu_conv_forward": {"num_warps": 8, "num_stages": 2}}  # other kernels: Triton's defaults
+OPTIONS = {}  # launch options by label; other kernels: Triton's defaults
+
+# --fuse-bn-relu's convolution, once per configuration the paper's 64 px networks launch (input -> output
+# channels: the encoder's 2nd 64 -> 128, its 3rd and the discriminator's 3rd 128 -> 256, the discriminator's
+# 4th 256 -> 256, the decoder's last 32 -> 3 with a bias and no sums), with the block sizes and warps the op
+# chooses (fused_conv.launch_config); float32 operands multiplied in float32 (IEEE). Label: kernel@C-Cout.
+_CONV_SIGNATURE = dict(x_ptr=DATA, scale_ptr=F32, shift_ptr=F32, w_ptr=DATA, bias_ptr=DATA, y_ptr=DATA, sum_ptr=F32,
+                       sumsq_ptr=F32, H="i32", W="i32", Ho="i32", Wo="i32", Cout="i32", M="i32", stride="i32",
+                       padding="i32")
+for _channels, _out_channels, _bias in ((64, 128, False), (128, 256, False), (256, 256, False), (32, 3, True)):
+    _blocks, _options = launch_config(_channels, _out_channels)
+    _label = f"_bn_relu_conv_forward@{_channels}-{_out_channels}"
+    KERNELS[_label] = ("fused_conv", _CONV_SIGNATURE, lambda dtype, constexprs=dict(
+        C=_channels, HAS_BIAS=_bias, KH=5, KW=5, SUMS=not _bias, BLOCK_M=64, **_blocks): {**constexprs, "IEEE": dtype == "fp32"})
+    OPTIONS[_label] = _options
 
 
 def kernel_dtypes(name):
@@ -86,7 +95,7 @@ def compile_kernel(name, capability, dtype):
 
     module_name, signature, constexprs = KERNELS[name]
     constexprs = constexprs(dtype) if callable(constexprs) else constexprs
-    kernel = getattr(importlib.import_module(f"kernels.{module_name}"), name)
+    kernel = getattr(importlib.import_module(f"kernels.{module_name}"), name.split("@")[0])  # label: kernel[@variant]
     signature = {arg: kind.format(dtype=dtype) for arg, kind in signature.items()}
     signature.update({arg: "constexpr" for arg in constexprs})
     missing = set(kernel.arg_names) - set(signature)

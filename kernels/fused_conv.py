@@ -79,6 +79,14 @@ def _block(size, least, most):
     return max(least, min(most, triton.next_power_of_2(size)))
 
 
+def launch_config(channels, out_channels):
+    """The block sizes and launch options of a convolution from `channels` to `out_channels` (kernels/aot.py
+    compiles each one the networks launch, and requires no spills)."""
+    block_n = _block(out_channels, 16, 128)
+    return (dict(BLOCK_N=block_n, BLOCK_K=_block(channels, 16, 32)),
+            dict(num_warps=8 if block_n >= 64 else 4, num_stages=2))
+
+
 def output_size(size, kernel, stride, padding):
     return (size + 2 * padding - kernel) // stride + 1
 
@@ -94,17 +102,17 @@ def _forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: 
     w = weight.permute(2, 3, 1, 0).contiguous()  # (kh, kw, C, Cout): row (tap * C + c) of a (K, Cout) matrix
     y = torch.empty(batch, out_channels, ho, wo, device=x.device, dtype=weight.dtype,
                     memory_format=torch.channels_last)
-    block_n, block_k = _block(out_channels, 16, 128), _block(channels, 16, 32)  # (no spills: kernels/aot.py)
+    blocks, options = launch_config(channels, out_channels)
     blocks_m = triton.cdiv(m, BLOCK_M)
     # (without the sums: empty, and nothing is stored to them)
     partial_sum = torch.empty(blocks_m if with_sums else 0, out_channels, device=x.device, dtype=torch.float32)
     partial_sumsq = torch.empty_like(partial_sum)
-    grid = (blocks_m, triton.cdiv(out_channels, block_n))
+    grid = (blocks_m, triton.cdiv(out_channels, blocks["BLOCK_N"]))
     launcher(_bn_relu_conv_forward)[grid](
         x, scale, shift, w, w if bias is None else bias, y, partial_sum, partial_sumsq, height, width, ho, wo,
         out_channels, m, stride, padding, C=channels, HAS_BIAS=bias is not None, KH=kh, KW=kw,
         IEEE=weight.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32, SUMS=with_sums, BLOCK_M=BLOCK_M,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_n >= 64 else 4, num_stages=2)
+        **blocks, **options)
     if not with_sums:
         return y, partial_sum.new_empty(0), partial_sumsq.new_empty(0)
     return y, partial_sum.sum(0), partial_sumsq.sum(0)

@@ -21,7 +21,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_in_every_precision_without_spil
         {(k, f"sm_{t}", d) for k in KERNELS for t in TARGETS for d in kernel_dtypes(k)}
     print(f"\ntriton {lines[0]['triton']}: registers / spill bytes (stores+loads) per kernel and target")
     for r in rows:
-        print(f"  {r['kernel']:24s} {r['arch']:7s} {r['dtype']}  {r['registers']:3d} registers, "
+        print(f"  {r['kernel']:30s} {r['arch']:7s} {r['dtype']}  {r['registers']:3d} registers, "
               f"{r['spill_stores'] + r['spill_loads']} spilled, {r['cubin_bytes']} cubin bytes")
         assert r["cubin_bytes"] > 0 and 0 < r["registers"] <= 255
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
