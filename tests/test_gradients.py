@@ -49,6 +49,24 @@ def assert_same_grads(got, want, rtol):
         assert err < rtol, f"{name}: relative error {err:.2e}"
 
 
+def assert_routes_as_the_reference(changed, plain, x, eps, z_prior, cfg, rtol, buffers_rtol, buffers_atol):
+    """`changed` (a copy of `plain` with a lever applied) against the reference routing of `plain`: the fast
+    step's gradients and stats, and its running statistics against `plain`'s fast step's (each one updated)."""
+    start = {n: b.clone() for n, b in plain.named_buffers()}
+    fast_stats = compute_gradients(changed, x, z_prior, cfg, NOISE_SEED)
+    compute_gradients(plain, x, z_prior, cfg, NOISE_SEED)  # the unchanged step's running statistics
+    for (name, b), c in zip(plain.named_buffers(), changed.buffers()):
+        assert torch.allclose(c, b, rtol=buffers_rtol, atol=buffers_atol), name
+        assert not torch.equal(c, start[name]), f"{name} was not updated"
+    with torch.no_grad():
+        for n, b in plain.named_buffers():
+            b.copy_(start[n])
+    ref_stats = compute_gradients_reference(plain, x, eps, z_prior, cfg)
+    assert_same_grads(grads(changed), grads(plain), rtol=rtol)
+    for name in ref_stats:
+        assert torch.allclose(fast_stats[name], ref_stats[name], rtol=rtol), name
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
 def test_one_backward_equals_each_networks_own_gradient(variant):
     model, x, eps, z_prior = make(variant["kind"], seed=len(str(variant)))
@@ -136,20 +154,9 @@ def test_the_padded_thin_convolutions_route_as_the_reference(variant):
     plain, x, eps, z_prior = make(variant["kind"], seed=9)
     padded = copy.deepcopy(plain)
     assert pad_thin_convolutions(padded) == ["encoder.body.0", "decoder.body.10", "discriminator.features.0"]
-    start = {n: b.clone() for n, b in plain.named_buffers()}
-    cfg = UpdateConfig(gamma=1e-6, **variant)
-    fast_stats = compute_gradients(padded, x, z_prior, cfg, NOISE_SEED)
-    compute_gradients(plain, x, z_prior, cfg, NOISE_SEED)  # the unpadded step's running statistics
-    for (name, b), c in zip(plain.named_buffers(), padded.buffers()):
-        assert torch.allclose(c, b, rtol=1e-12, atol=1e-15), name
-    with torch.no_grad():
-        for n, b in plain.named_buffers():
-            b.copy_(start[n])
-    ref_stats = compute_gradients_reference(plain, x, eps, z_prior, cfg)
-    assert_same_grads(grads(padded), grads(plain), rtol=1e-9)
     assert {n for n, _ in padded.named_parameters()} == {n for n, _ in plain.named_parameters()}  # no new parameters
-    for name in ref_stats:
-        assert torch.allclose(fast_stats[name], ref_stats[name], rtol=1e-10), name
+    assert_routes_as_the_reference(padded, plain, x, eps, z_prior, UpdateConfig(gamma=1e-6, **variant), rtol=1e-9,
+                                   buffers_rtol=1e-12, buffers_atol=1e-15)
 
 
 def test_the_joint_decoder_call_takes_halves_of_equal_size():
@@ -304,17 +311,5 @@ def test_the_fused_bn_relu_convolutions_route_as_the_reference(size, variant):
     names = fuse_bn_relu(fused, skip=("decoder",) if joint else ())
     assert names == (["encoder.body.3", "encoder.body.6", "decoder.body.13", "discriminator.features.5",
                       "discriminator.features.8"] if size == 64 else ["encoder.body.3", "discriminator.features.5"])
-    start = {n: b.clone() for n, b in plain.named_buffers()}
-    cfg = UpdateConfig(gamma=1e-6, **variant)
-    fast_stats = compute_gradients(fused, x, z_prior, cfg, NOISE_SEED)
-    compute_gradients(plain, x, z_prior, cfg, NOISE_SEED)  # the unfused step's running statistics
-    for (name, b), c in zip(plain.named_buffers(), fused.buffers()):
-        assert torch.allclose(c, b, rtol=1e-5, atol=1e-6), name
-        assert not torch.equal(c, start[name]), f"{name} was not updated"
-    with torch.no_grad():
-        for n, b in plain.named_buffers():
-            b.copy_(start[n])
-    ref_stats = compute_gradients_reference(plain, x, eps, z_prior, cfg)
-    assert_same_grads(grads(fused), grads(plain), rtol=1e-4)
-    for name in ref_stats:
-        assert torch.allclose(fast_stats[name], ref_stats[name], rtol=1e-4), name
+    assert_routes_as_the_reference(fused, plain, x, eps, z_prior, UpdateConfig(gamma=1e-6, **variant), rtol=1e-4,
+                                   buffers_rtol=1e-5, buffers_atol=1e-6)
