@@ -79,12 +79,20 @@ _BY_NAME = [
 ]
 
 
+def op_group(launcher):
+    """The group an aten op names (aten::cudnn_convolution: convolution), or None (a wrapper such as a compiled
+    region or CUDA-graph replay names none)."""
+    for group, pattern in _BY_OP:
+        if launcher and pattern.search(launcher):
+            return group
+    return None
+
+
 def kernel_group(name, launcher=None):
     """The group of a kernel (or, on a CPU, an op) by the aten op that launched it when known, else by its name."""
-    if launcher:
-        for group, pattern in _BY_OP:
-            if pattern.search(launcher):
-                return group
+    group = op_group(launcher)
+    if group:
+        return group
     for group, pattern in _BY_NAME:
         if pattern.search(name):
             return group
@@ -108,7 +116,7 @@ def kernel_rows(prof, steps):
         for name, us in totals.items():
             launched_by = launchers[name].most_common(1)[0][0] if launchers[name] else None
             rows.append({"name": name, "group": kernel_group(name, launched_by), "launched_by": launched_by,
-                         "grouped_by": "launching op" if launched_by else "name",
+                         "grouped_by": "launching op" if op_group(launched_by) else "name",
                          "calls_per_step": calls[name] / steps, "us_per_step": us / steps})
     else:
         rows = [{"name": e.key, "group": kernel_group(e.key), "launched_by": None, "grouped_by": "name",
@@ -118,13 +126,15 @@ def kernel_rows(prof, steps):
 
 
 def regroup(variants, top):
-    """A kernel seen without its launching op (inside CUDA graphs and compiled code) takes the group of the
-    same kernel where an eager op launched it in this run (cuDNN's convolutions and cuBLAS's GEMMs share
-    names such as sm90_xmma_gemm_*); each variant's summary is then made again."""
-    by_launch = {r["name"]: r["group"] for v in variants.values() for r in v["profile_rows"] if r["launched_by"]}
+    """A kernel seen without an aten op that names its group (inside CUDA graphs and compiled code: no op, or a
+    wrapper such as a compiled region) takes the group of the same kernel where an eager op launched it in this
+    run (cuDNN's convolutions and cuBLAS's GEMMs share names such as sm90_xmma_gemm_*); each variant's summary
+    is then made again."""
+    by_launch = {r["name"]: r["group"] for v in variants.values() for r in v["profile_rows"]
+                 if r["grouped_by"] == "launching op"}
     for v in variants.values():
         for r in v["profile_rows"]:
-            if not r["launched_by"] and r["name"] in by_launch:
+            if r["grouped_by"] != "launching op" and r["name"] in by_launch:
                 r["group"], r["grouped_by"] = by_launch[r["name"]], "the same kernel's launching op in this run"
         v["profile"] = summarise(v["profile_rows"], v["seconds_per_step"], top)
 
@@ -185,9 +195,8 @@ def environment(argv):
 
 
 def launched(row):
-    if row["launched_by"]:
-        return row["launched_by"]
-    return "- (grouped as an eager op launched it)" if row["grouped_by"] != "name" else "-"
+    note = " (grouped as an eager op launched it)" if row["grouped_by"].startswith("the same") else ""
+    return (row["launched_by"] or "-") + note
 
 
 def fmt_name(name, width=110):

@@ -20,8 +20,8 @@ import os
 
 import pytest
 
-from test_step import BATCHES, measure, record
-from timing import CUDA
+from test_step import BATCHES, measure
+from timing import CUDA, record
 
 LEVERS = {
     "pad-channels": {"pad_channels": True},

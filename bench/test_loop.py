@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from timing import CUDA, DEVICE, sync
+from timing import CUDA, DEVICE, record, sync
 from vaegan import options, trainer
 from vaegan.config import TrainConfig
 from vaegan.data import build_dataset
@@ -117,5 +117,6 @@ def test_loop_against_the_bare_step(benchmark, tmp_path, loader):
                                  "augment": cfg.augment, "dali": dali_unavailable_reason() or "installed",
                                  "log_every": cfg.log_every, "sample_every": cfg.sample_every,
                                  "checkpoint_every": cfg.checkpoint_every})
+    record(f"{loader}-{cfg.batch_size}", benchmark.extra_info)
     print(f"\n{loader}: loop {loop:.1f} img/s, bare step {bare:.1f} img/s: {loop / bare:.3f}")
     assert loop > 0 and bare > 0

@@ -29,7 +29,6 @@ The method:
   * compiled figures did not fall back: no recompile-limit hit, no CUDA-graph skip.
 On a machine without CUDA the tests run at tiny sizes, only to show that they run and report.
 """
-import json
 import os
 
 import pytest
@@ -38,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from baseline import MODES, SIZE, build
 from timing import (CUDA, StepClock, compile_counters, device_peak, free_device_memory, memory_peaks, memory_window,
-                    reachable_flops, sync)
+                    reachable_flops, record, sync)
 
 # VAEGAN_BENCH_BATCHES=64 times one batch size (bench/run_gpu.sh runs one per stage)
 BATCHES = [int(b) for b in os.environ.get("VAEGAN_BENCH_BATCHES", "64,256,512").split(",")] if CUDA else [4]
@@ -49,17 +48,6 @@ PEAK = {"H100": 989.4e12, "H200": 989.4e12}
 ROWS = [(mode, batch) for batch in BATCHES for mode in MODES]  # this order: each batch's references first
 
 _figures, _routed_flops = {}, {}
-# bench/run_gpu.sh: one JSON line per row, appended as soon as it is measured (pytest-benchmark writes its
-# file at the end of the session: a stage stopped by its time limit keeps these)
-ROWS_FILE = os.environ.get("VAEGAN_BENCH_ROWS")
-
-
-def record(row, figures):
-    if ROWS_FILE:
-        with open(ROWS_FILE, "a") as f:
-            f.write(json.dumps({"row": row, **figures}, default=str) + "\n")
-
-
 def counted_flops(step):
     with FlopCounterMode(display=False) as counter:
         step()

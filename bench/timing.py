@@ -1,5 +1,7 @@
 """Timing helpers the benchmarks share: synchronise, steps timed between two events, the median
 of synchronised calls, the device's datasheet peak and the peak a matrix product reaches."""
+import json
+import os
 import statistics
 import time
 
@@ -158,3 +160,14 @@ def memory_peaks():
         return {"peak_memory_allocated_bytes": None, "peak_memory_reserved_bytes": None}
     return {"peak_memory_allocated_bytes": torch.cuda.max_memory_allocated(),
             "peak_memory_reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
+# bench/run_gpu.sh: one JSON line per row, appended as soon as it is measured (pytest-benchmark writes its
+# file at the end of the session: a stage stopped by its time limit keeps these)
+ROWS_FILE = os.environ.get("VAEGAN_BENCH_ROWS")
+
+
+def record(row, figures):
+    if ROWS_FILE:
+        with open(ROWS_FILE, "a") as f:
+            f.write(json.dumps({"row": row, **figures}, default=str) + "\n")

@@ -45,20 +45,22 @@ KERNELS = {
 }
 OPTIONS = {}  # launch options by label; other kernels: Triton's defaults
 
-# --fuse-bn-relu's convolution, once per configuration the paper's 64 px networks launch (input -> output
-# channels: the encoder's 2nd 64 -> 128, its 3rd and the discriminator's 3rd 128 -> 256, the discriminator's
-# 4th 256 -> 256, the decoder's last 32 -> 3 with a bias and no sums), with the block sizes and warps the op
-# chooses (fused_conv.launch_config); float32 operands multiplied in float32 (IEEE). Label: kernel@C-Cout.
+# --fuse-bn-relu's convolution, once per configuration the paper's 64 px networks launch, with the block sizes
+# and warps the op chooses (fused_conv.launch_config): input -> output channels, with the per-channel sums where
+# a BatchNorm reads them (the encoder's 2nd 64 -> 128 and the discriminator's 3rd 128 -> 256), without (the
+# encoder's 3rd 128 -> 256 and the discriminator's 4th 256 -> 256, before a flatten or the head), and the
+# decoder's last 32 -> 3 with a bias; fp32 compiled with float32 products (IEEE: cuDNN's TF32 off).
+# Label: kernel@C-Cout[+sums].
 _CONV_SIGNATURE = dict(x_ptr=DATA, scale_ptr=F32, shift_ptr=F32, w_ptr=DATA, bias_ptr=DATA, y_ptr=DATA, sum_ptr=F32,
                        sumsq_ptr=F32, H="i32", W="i32", Ho="i32", Wo="i32", Cout="i32", M="i32", stride="i32",
                        padding="i32")
-for _channels, _out_channels, _bias in ((64, 128, False), (128, 256, False), (256, 256, False), (32, 3, True)):
+for _channels, _out_channels, _bias, _sums in ((64, 128, False, True), (128, 256, False, True),
+                                               (128, 256, False, False), (256, 256, False, False), (32, 3, True, False)):
     _blocks, _options = launch_config(_channels, _out_channels)
-    _label = f"_bn_relu_conv_forward@{_channels}-{_out_channels}"
+    _label = f"_bn_relu_conv_forward@{_channels}-{_out_channels}" + ("+sums" if _sums else "")
     KERNELS[_label] = ("fused_conv", _CONV_SIGNATURE, lambda dtype, constexprs=dict(
-        C=_channels, HAS_BIAS=_bias, KH=5, KW=5, SUMS=not _bias, BLOCK_M=64, **_blocks): {**constexprs, "IEEE": dtype == "fp32"})
+        C=_channels, HAS_BIAS=_bias, KH=5, KW=5, SUMS=_sums, BLOCK_M=64, **_blocks): {**constexprs, "IEEE": dtype == "fp32"})
     OPTIONS[_label] = _options
-
 
 def kernel_dtypes(name):
     """The data dtypes a kernel is compiled for: each of DTYPES for the losses' kernels, fp32 alone for the

@@ -76,16 +76,18 @@ def test_a_kernel_without_its_op_takes_the_group_its_eager_launch_gave():
 
     def row(name, launcher):
         return {"name": name, "group": profile_step.kernel_group(name, launcher), "launched_by": launcher,
-                "grouped_by": "launching op" if launcher else "name", "calls_per_step": 1.0, "us_per_step": 10.0}
+                "grouped_by": "launching op" if profile_step.op_group(launcher) else "name", "calls_per_step": 1.0,
+                "us_per_step": 10.0}
     variants = {"fair+torch": {"seconds_per_step": 1e-3, "profile_rows": [row(gemm_named_conv, "aten::cudnn_convolution")]},
-                "fastest+torch": {"seconds_per_step": 1e-3, "profile_rows": [row(gemm_named_conv, None),
-                                                                            row("nvjet_tst_128x256", None)]}}
-    assert variants["fastest+torch"]["profile_rows"][0]["group"] == "matmul / GEMM"  # by its name alone
+                "fastest+torch": {"seconds_per_step": 1e-3, "profile_rows": [
+                    row(gemm_named_conv, None), row(gemm_named_conv, "Torch-Compiled Region: 0/0"),
+                    row("nvjet_tst_128x256", None)]}}
+    assert [r["group"] for r in variants["fastest+torch"]["profile_rows"]] == ["matmul / GEMM"] * 3  # by name alone
     profile_step.regroup(variants, top=5)
     compiled = variants["fastest+torch"]
-    assert [r["group"] for r in compiled["profile_rows"]] == ["convolution", "matmul / GEMM"]
-    assert compiled["profile_rows"][1]["grouped_by"] == "name"
-    assert compiled["profile"]["groups"]["convolution"]["share"] == pytest.approx(0.5)
+    assert [r["group"] for r in compiled["profile_rows"]] == ["convolution", "convolution", "matmul / GEMM"]
+    assert compiled["profile_rows"][2]["grouped_by"] == "name"
+    assert compiled["profile"]["groups"]["convolution"]["share"] == pytest.approx(2 / 3)
 
 
 def test_profile_step_runs_at_tiny_sizes(tmp_path):
