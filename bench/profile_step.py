@@ -99,6 +99,14 @@ def kernel_group(name, launcher=None):
     return "copies / other"
 
 
+def kernel_row(name, launched_by, calls_per_step, us_per_step):
+    """One row of the kernel table, with its group and what the group was taken from."""
+    by_op = op_group(launched_by)
+    return {"name": name, "group": by_op or kernel_group(name), "launched_by": launched_by,
+            "grouped_by": "launching op" if by_op else "name", "calls_per_step": calls_per_step,
+            "us_per_step": us_per_step}
+
+
 def kernel_rows(prof, steps):
     """[{name, group, launched_by, calls_per_step, us_per_step}], largest first: CUDA kernels (and copies,
     memsets) by device time on CUDA; on a CPU, ops by self CPU time. Per step: the totals over `steps`."""
@@ -115,12 +123,9 @@ def kernel_rows(prof, steps):
         rows = []
         for name, us in totals.items():
             launched_by = launchers[name].most_common(1)[0][0] if launchers[name] else None
-            rows.append({"name": name, "group": kernel_group(name, launched_by), "launched_by": launched_by,
-                         "grouped_by": "launching op" if op_group(launched_by) else "name",
-                         "calls_per_step": calls[name] / steps, "us_per_step": us / steps})
+            rows.append(kernel_row(name, launched_by, calls[name] / steps, us / steps))
     else:
-        rows = [{"name": e.key, "group": kernel_group(e.key), "launched_by": None, "grouped_by": "name",
-                 "calls_per_step": e.count / steps, "us_per_step": e.self_cpu_time_total / steps}
+        rows = [kernel_row(e.key, None, e.count / steps, e.self_cpu_time_total / steps)
                 for e in prof.key_averages() if e.self_cpu_time_total > 0]
     return sorted(rows, key=lambda r: -r["us_per_step"])
 

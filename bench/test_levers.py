@@ -51,7 +51,6 @@ def test_lever_throughput(benchmark, lever, batch):
     reference = _fastest.get(batch)
     figures.update({"lever": lever, "fastest_img_per_s": reference and reference["img_per_s"],
                     "speedup_vs_fastest": figures["img_per_s"] / reference["img_per_s"] if reference else None})
-    benchmark.extra_info.update(figures)
-    record(f"{lever}-{batch}", figures)
+    record(f"{lever}-{batch}", figures, benchmark)
     assert figures["img_per_s"] > 0
     assert reference is not None, "the fastest row runs first at each batch"

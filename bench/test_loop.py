@@ -7,8 +7,8 @@ step (gradients, the device-side decisions, the masked optimizer steps) on one b
 device, nothing else. Reported in extra_info: loop_img_per_s, step_img_per_s and their ratio.
 Goal: >= 0.95 on a GPU; >= 0.9 on a CPU at the small configuration used there.
 
-On a GPU the loop runs the default command's settings (64 px, batch 64 or VAEGAN_BENCH_LOOP_BATCH, the authors' augmentation,
-compiled with CUDA graphs) on generated 178x218 JPEGs, once per loader: the decoded cache on the
+On a GPU the loop runs the default command's settings (64 px, batch 64 or VAEGAN_BENCH_LOOP_BATCH,
+the authors' augmentation, compiled with CUDA graphs) on generated 178x218 JPEGs, once per loader: the decoded cache on the
 GPU, the PIL workers (decoding only; preprocessed on the GPU) and DALI where installed. Its rate is
 measured only after the DataLoader's prefetch queue (workers x PREFETCH_PER_WORKER batches, filled
 while the step compiles) has been drained, so it is the steady rate, not the queue's.
@@ -108,15 +108,13 @@ def test_loop_against_the_bare_step(benchmark, tmp_path, loader):
     torch._dynamo.reset()
     after = step_img_per_s(cfg, STEPS - WARMUP_LOGS * cfg.log_every)
     bare = (before + after) / 2
-    benchmark.extra_info.update({"loop_img_per_s": loop, "step_img_per_s": bare, "loop_over_step": loop / bare,
-                                 "step_img_per_s_before": before, "step_img_per_s_after": after,
-                                 "batch": cfg.batch_size, "image_size": cfg.image_size, "precision": cfg.precision,
-                                 "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs, "loader": cfg.loader,
-                                 "data_cache": cfg.data_cache,
-                                 "warmup_steps": WARMUP_LOGS * cfg.log_every,
-                                 "augment": cfg.augment, "dali": dali_unavailable_reason() or "installed",
-                                 "log_every": cfg.log_every, "sample_every": cfg.sample_every,
-                                 "checkpoint_every": cfg.checkpoint_every})
-    record(f"{loader}-{cfg.batch_size}", benchmark.extra_info)
+    figures = {"loop_img_per_s": loop, "step_img_per_s": bare, "loop_over_step": loop / bare,
+               "step_img_per_s_before": before, "step_img_per_s_after": after,
+               "batch": cfg.batch_size, "image_size": cfg.image_size, "precision": cfg.precision,
+               "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs, "loader": cfg.loader,
+               "data_cache": cfg.data_cache, "warmup_steps": WARMUP_LOGS * cfg.log_every,
+               "augment": cfg.augment, "dali": dali_unavailable_reason() or "installed",
+               "log_every": cfg.log_every, "sample_every": cfg.sample_every, "checkpoint_every": cfg.checkpoint_every}
+    record(f"{loader}-{cfg.batch_size}", figures, benchmark)
     print(f"\n{loader}: loop {loop:.1f} img/s, bare step {bare:.1f} img/s: {loop / bare:.3f}")
     assert loop > 0 and bare > 0

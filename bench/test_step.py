@@ -48,6 +48,8 @@ PEAK = {"H100": 989.4e12, "H200": 989.4e12}
 ROWS = [(mode, batch) for batch in BATCHES for mode in MODES]  # this order: each batch's references first
 
 _figures, _routed_flops = {}, {}
+
+
 def counted_flops(step):
     with FlopCounterMode(display=False) as counter:
         step()
@@ -136,8 +138,7 @@ def test_step_throughput(benchmark, request, mode, batch):
         "mfu_reachable": achieved / reachable["flops_per_s"],
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "cudnn_benchmark": torch.backends.cudnn.benchmark})
-    benchmark.extra_info.update(figures)
-    record(f"{mode}-{batch}", figures)
+    record(f"{mode}-{batch}", figures, benchmark)
     assert figures["img_per_s"] > 0 and useful_flops > 0
     if mode in ("port", "fair"):  # a reference's row reports the figure the other rows' ratios use
         assert (port if mode == "port" else fair) is figures

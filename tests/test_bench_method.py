@@ -75,9 +75,7 @@ def test_a_kernel_without_its_op_takes_the_group_its_eager_launch_gave():
     gemm_named_conv = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64"
 
     def row(name, launcher):
-        return {"name": name, "group": profile_step.kernel_group(name, launcher), "launched_by": launcher,
-                "grouped_by": "launching op" if profile_step.op_group(launcher) else "name", "calls_per_step": 1.0,
-                "us_per_step": 10.0}
+        return profile_step.kernel_row(name, launcher, calls_per_step=1.0, us_per_step=10.0)
     variants = {"fair+torch": {"seconds_per_step": 1e-3, "profile_rows": [row(gemm_named_conv, "aten::cudnn_convolution")]},
                 "fastest+torch": {"seconds_per_step": 1e-3, "profile_rows": [
                     row(gemm_named_conv, None), row(gemm_named_conv, "Torch-Compiled Region: 0/0"),
