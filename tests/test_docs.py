@@ -25,7 +25,7 @@ DOCS = ["README.md", "bench/README.md"] + sorted(os.path.relpath(p, ROOT) for p 
 README_MAX_LINES = 250
 DOCS_PAGE_MAX_LINES = 299
 
-FENCE = re.compile(r"^```([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
+FENCE = re.compile(r"^[ \t]*```([\w-]*)[ \t]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
 SHELL_BLOCKS = {"", "sh", "bash", "shell", "console"}
 RESULTS_PATH = re.compile(r"bench/results/[^\s`'\"()\[\]<>|,;*]*")
 OPTION = re.compile(r"(?<![\w/-])--[a-z][a-z0-9_-]*[a-z0-9]")
