@@ -252,6 +252,14 @@ def test_readme_is_short_and_links_every_docs_page():
     assert {p: len(read(p).splitlines()) for p in pages if len(read(p).splitlines()) > DOCS_PAGE_MAX_LINES} == {}
 
 
+def test_the_readme_shows_what_ci_runs_verbatim():
+    ci = [line.strip() for line in read(".ci/run").splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci, ".ci/run runs nothing"
+    readme = read("README.md")
+    assert [line for line in ci if line not in readme] == []
+
+
 def test_the_checks_catch_what_drifted():
     bad = "\n".join([
         "Figures in `bench/results/no-such-file.txt`; see [the page](docs/no-such-page.md) and",
