@@ -434,9 +434,9 @@ def test_the_host_traffic_counter_sees_each_kind_of_transfer_and_read(monkeypatc
     assert len(traffic.counts["pinned"][0]) == 1 and len(traffic.counts["reads"][0]) == 1, traffic.counts
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU count above covers the CPU)")
-@pytest.mark.parametrize("fast", [False, True], ids=["eager", "compiled-cuda-graphs"])
-def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkeypatch, fast):
+def train_with_sync_errors(monkeypatch, cfg):
+    """trainer.train(cfg) with every synchronisation an error from the 6th step on, except around the
+    log steps (every 5th: the step before one and the one after it read or load under no check)."""
     original = TrainStep.gradients
     current = {"step": -1}
 
@@ -446,13 +446,48 @@ def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkey
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TrainStep, "gradients", gradients)
-    cfg = TrainConfig(steps=15, log_every=5, checkpoint_every=100, sample_every=100, keep_every=100,
-                      compile=fast, cuda_graphs=fast, out=str(tmp_path / "run"),
-                      **{**TINY, "device": "cuda", "loader": "pil"})
     try:
         trainer.train(cfg)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert current["step"] == cfg.steps - 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU count above covers the CPU)")
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "compiled-cuda-graphs"])
+def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkeypatch, fast):
+    cfg = TrainConfig(steps=15, log_every=5, checkpoint_every=100, sample_every=100, keep_every=100,
+                      compile=fast, cuda_graphs=fast, out=str(tmp_path / "run"),
+                      **{**TINY, "device": "cuda", "loader": "pil"})
+    train_with_sync_errors(monkeypatch, cfg)
+
+
+GPU_LOADERS = {"cache-gpu": dict(data_cache="gpu"), "cache-host": dict(data_cache="host"),
+               "pil-workers": dict(loader="pil", data_cache="none", workers=2),
+               "dali": dict(loader="dali", data_cache="none")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the meta-device count above covers the CPU)")
+@pytest.mark.parametrize("path,conditional", [*[(path, False) for path in GPU_LOADERS],
+                                              ("cache-gpu", True), ("pil-workers", True), ("dali", True)])
+def test_on_a_gpu_every_loader_through_files_never_synchronises(tmp_path, monkeypatch, path, conditional):
+    """CelebA-layout JPEGs on disk, the authors' augmentation, each loader and cache, the run's default
+    step on CUDA (compiled, CUDA graphs), a conditional model too: steady steps under
+    set_sync_debug_mode("error"). 48 training images in batches of 8: epochs end inside the checked steps."""
+    from vaegan.data.dali import dali_unavailable_reason
+    if path == "dali" and dali_unavailable_reason():
+        pytest.skip(dali_unavailable_reason())
+    make_celeba(tmp_path / "data", n=64)
+    cfg = TrainConfig(data=str(tmp_path / "data"), steps=15, log_every=5, checkpoint_every=100, sample_every=100,
+                      keep_every=100, augment="authors", model="cvaegan" if conditional else "vaegan",
+                      image_size=32, latent_size=16, fc_width=64, width=0.25, batch_size=8, device="cuda",
+                      out=str(tmp_path / "run"), **{"workers": 0, **GPU_LOADERS[path]})
+    train_with_sync_errors(monkeypatch, cfg)
+    with open(tmp_path / "run" / "config.json") as f:
+        used = json.load(f)
+    assert used["augment"] == "authors" and used["data_cache"] == GPU_LOADERS[path]["data_cache"]
+    assert used["loader"] == ("dali" if path == "dali" else "pil")
 
 
 def test_precision_auto_is_bf16_where_the_device_has_bf16_and_fp32_elsewhere(monkeypatch):
