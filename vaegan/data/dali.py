@@ -21,9 +21,10 @@ global batch) differ every epoch and are counted in the start-up line. A file DA
 or a CelebA file of another size, stops the run with an error naming it (the PIL loader instead
 skips and counts such files).
 
-On CUDA the decoded batch is copied into PyTorch memory on PyTorch's current stream, so the copy
-is ordered with the preprocessing and the training step's kernels (as DALI's own PyTorch iterator
-does). With device "cpu" the pipeline runs on DALI's CPU operators (device_id=None): that is how
+On CUDA the decoded batch and its labels (index, flip), both on the GPU (the labels copied there
+inside the pipeline), are copied into PyTorch memory on PyTorch's current stream, so the copy is
+ordered with the preprocessing and the training step's kernels (as DALI's own PyTorch iterator does)
+and nothing goes from the host to the device per batch on PyTorch's side. With device "cpu" the pipeline runs on DALI's CPU operators (device_id=None): that is how
 the tests exercise it on machines without a GPU.
 """
 import os

@@ -4,7 +4,9 @@ Same maths, same order: the authors' augmentation on the whole image (similarity
 scikit-image's order-3 interpolation, border pixels repeated, clipped to the input's range; then
 gamma, HSV saturation and value powers, hue shift), the crop (CelebA's, or the centred square), the
 Gaussian low-pass and the order-3 spline resize as matrix products, truncation to 0..255, and the
-horizontal flip last. Images are uint8 (B, H, W, C), all of one size, already decoded: CelebA's
+horizontal flip last. Nothing is copied from the host per batch: the augmentation's parameters are
+drawn on the device from (seed, step, first slot), and the low-pass and resize matrices are built and
+copied to the device once per shape. Images are uint8 (B, H, W, C), all of one size, already decoded: CelebA's
 178x218 images, or any other size, whose centred square is taken. The warp sees the whole image, as
 the CPU path's does: a folder's images cut to squares beforehand differ from it at the borders.
 
