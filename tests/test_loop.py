@@ -179,7 +179,7 @@ class HostTraffic(TorchDispatchMode):
         self.device = torch.device(device)
         self.step = -1
         self.counts = {"reads": {}, "pageable": {}, "pinned": {}}
-        self.pinned_storages, self.keep = set(), []
+        self.pinned_storages, self.keep = set(), []  # keep: the pinned stand-ins, so that no address is reused
         self.reading = False
         for name in READS:
             monkeypatch.setattr(torch.Tensor, name, self.counting_read(name))
@@ -206,6 +206,9 @@ class HostTraffic(TorchDispatchMode):
         frame = caller_frame()
         return (on_host(self.device) and frame is not None and
                 (os.path.basename(frame.f_code.co_filename), frame.f_code.co_name) in HOST_ONLY)
+
+    def pinned(self, tensor):
+        return tensor.untyped_storage().data_ptr() in self.pinned_storages
 
     def is_device_tensor(self, tensor):
         return on_host(self.device) or not on_host(tensor)
@@ -259,8 +262,7 @@ class HostTraffic(TorchDispatchMode):
         monkeypatch.setattr(torch.Tensor, "__getitem__", indexed(getitem))
         monkeypatch.setattr(torch.Tensor, "__setitem__", indexed(setitem))
         monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
-        monkeypatch.setattr(torch.Tensor, "is_pinned",
-                            lambda self, *a: on_host(self) and self.untyped_storage().data_ptr() in traffic.pinned_storages)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: on_host(self) and traffic.pinned(self))
         monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # the DataLoader pins
         monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: self.device)
         monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
@@ -276,7 +278,7 @@ class HostTraffic(TorchDispatchMode):
                 source, target = args[1], args[0].device
                 non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
             if on_host(source) and not on_host(target):
-                pinned = non_blocking and source.untyped_storage().data_ptr() in self.pinned_storages
+                pinned = non_blocking and self.pinned(source)
                 self.count("pinned" if pinned else "pageable", f"{func} of {tuple(source.shape)}")
             elif not on_host(source) and on_host(target) and not self.reading:
                 self.count("reads", f"{func} of {tuple(source.shape)}")

@@ -24,8 +24,9 @@ skips and counts such files).
 On CUDA the decoded batch and its labels (index, flip), both on the GPU (the labels copied there
 inside the pipeline), are copied into PyTorch memory on PyTorch's current stream, so the copy is
 ordered with the preprocessing and the training step's kernels (as DALI's own PyTorch iterator does)
-and nothing goes from the host to the device per batch on PyTorch's side. With device "cpu" the pipeline runs on DALI's CPU operators (device_id=None): that is how
-the tests exercise it on machines without a GPU.
+and nothing goes from the host to the device per batch on PyTorch's side. With device "cpu" the
+pipeline runs on DALI's CPU operators (device_id=None): that is how the tests exercise it on machines
+without a GPU.
 """
 import os
 
@@ -188,7 +189,8 @@ class DaliLoader:
     def _to_torch(self, i, images, labels):
         if self.dataset.celeba and not images.is_dense_tensor():
             self._wrong_size(i, images)
-        return self._batch(i, self._fetch(images.as_tensor(), torch.uint8), self._fetch(labels.as_tensor(), torch.int64))
+        images, labels = self._fetch(images.as_tensor(), torch.uint8), self._fetch(labels.as_tensor(), torch.int64)
+        return self._batch(i, images, labels)
 
     def _fetch(self, dense, dtype):
         """A DALI tensor (on the device on CUDA) as a torch tensor on the training device. On CUDA, DALI's
