@@ -154,3 +154,20 @@ def test_auto_takes_the_gpu_then_host_memory_by_their_shares_and_explicit_choice
     faces = build_dataset(BUILTIN, "train", 32, 1)
     cfg, reasons = options.resolve(TrainConfig(device="cpu", data_cache="host"), cpu, 1, faces)
     assert cfg.data_cache == "none" and "held in memory already" in reasons["data_cache"]
+
+
+def test_the_main_process_branch_of_the_pil_loader_gives_the_workers_batches(celeba):
+    """On a device the workers only decode and the main process copies and preprocesses (the branch a
+    GPU run takes); here, on the CPU, that branch against the workers' preprocessing: the same batches
+    and attributes (taken from the device's copy of the table by each image's row)."""
+    from vaegan.data.loader import CollateDecoded, DecodingLoader
+    dataset = build_dataset(celeba, "train", 32, 3)
+    dataset.augment = True
+    dataset.attributes = torch.arange(len(dataset) * 2, dtype=torch.float32).reshape(-1, 2)  # rows told apart
+    sampler = lambda: StepBatchSampler(len(dataset), 4, 0, 1, seed=2, start_step=0, end_step=4)  # noqa: E731
+    in_workers = batches(DecodingLoader(dataset, sampler(), 0, "cpu"))
+    main = DecodingLoader(dataset, sampler(), 0, "cpu")
+    main.in_workers, main.loader.collate_fn = False, CollateDecoded(None)
+    assert_same_batches(batches(main), in_workers)
+    rows = [[index for index, _, _ in batch] for batch in sampler()]
+    assert all(torch.equal(attributes, dataset.attributes[r]) for (_, attributes, _), r in zip(in_workers, rows))

@@ -120,3 +120,29 @@ def test_drawn_parameters_are_augment_draws_exactly():
         for name in ("scale", "rotation", "gamma", "contrast", "hue"):
             assert drawn[name][i].item() == getattr(a, name), name
     assert not torch.equal(drawn["scale"][:1], dp.draw_batch([(0, 0, 2)])["scale"])
+
+
+def test_a_loaders_batch_is_drawn_from_its_first_slot_as_each_slot_alone():
+    """A loader's batch (one (seed, step), consecutive slots) is drawn on the device from its first slot
+    (nothing copied from the host); the values are those of the slots drawn one by one."""
+    places = [(9, 41, 12 + j) for j in range(5)]
+    whole = dp.draw_batch(places)
+    for j, place in enumerate(places):
+        alone = dp.draw_batch([place])
+        for name in dp.AUGMENTATION_FIELDS:
+            assert torch.equal(whole[name][j], alone[name][0]), name
+    shuffled = dp.draw_batch(places[::-1])  # not consecutive: drawn slot by slot, the same values
+    assert torch.equal(shuffled["scale"], whole["scale"].flip(0))
+    meta = dp.draw_batch(places, torch.device("meta"))
+    assert all(value.device.type == "meta" for value in meta.values())
+
+
+def test_the_low_pass_and_resize_matrices_are_built_once_per_shape_and_device():
+    first = dp.lowpass_resize_matrices(148, 64, torch.device("cpu"), torch.float32)
+    assert dp.lowpass_resize_matrices(148, 64, torch.device("cpu"), torch.float32) is first
+    assert first[0].shape == (148, 148) and first[1].shape == (64, 148)
+    assert dp.lowpass_resize_matrices(32, 64, torch.device("cpu"), torch.float32)[0] is None  # enlarged: no blur
+    image = torch.rand(1, 3, 148, 148)  # lowpass_resize uses these very matrices
+    blur, resize = first
+    want = torch.floor((resize @ (blur @ image @ blur.T) @ resize.T).clamp(image.amin(), image.amax()) * 255)
+    assert torch.equal(dp.lowpass_resize(image, 64), want)

@@ -1,15 +1,19 @@
 """The loop with nothing between its steps: decisions on the device, masked optimizer steps, the
 non-finite guard, noise drawn on the device, and no device-to-host read between log steps."""
 import copy
+import importlib
 import itertools
 import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import philox
+from datagen import make_celeba
 from test_train_step import optimizers
 from test_gradients import NOISE_SEED, make
 from vaegan import checkpoint, options, trainer
@@ -125,53 +129,316 @@ def test_prior_codes_are_drawn_on_the_device_from_seed_and_step_and_split_across
     assert 0.5 < whole.std() < 1.5
 
 
-READS = ("item", "__float__", "__bool__", "__int__", "tolist", "numpy", "cpu")
+READS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy", "cpu")
 TORCH = os.path.dirname(torch.__file__) + os.sep
+ATEN = torch.ops.aten
+
+
+def caller_frame():
+    """The nearest frame outside torch and this file: whose call it is."""
+    frame = sys._getframe(1)
+    while frame is not None and (TORCH in frame.f_code.co_filename or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    return frame
+
+
+def caller():
+    frame = caller_frame()
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "?"
+
+
+# Functions that read tensors of a CPU generator, in host memory whatever the device (the meta runs
+# below see them as host tensors): on a CPU run, where the host is the device, their reads are not counted.
+HOST_ONLY = {("loader.py", "epoch_order")}
+
+
+def on_host(tensor_or_device):
+    device = getattr(tensor_or_device, "device", tensor_or_device)
+    return torch.device(device).type == "cpu"
+
+
+class HostTraffic(TorchDispatchMode):
+    """Counts, per step, what makes the host wait for the device or copies to it, by kind:
+      reads     a tensor's value copied to the host: the READS methods, a device-to-host copy;
+      pageable  a copy from host memory to the device that is not a pinned non_blocking copy: .to(),
+                copy_, a host tensor (more than a scalar) handed to an operation on device tensors (the
+                copy hidden in it), torch.tensor / as_tensor(data, device=...), a device tensor indexed
+                with a Python list or an array;
+      pinned    a non_blocking copy from pinned host memory: a loader's own batch copy, counted apart.
+    `step` is the step whose batch is being fetched or trained (stepped() advances it as a loader
+    yields), so a batch's loading counts in its own step.
+
+    With `device` "meta" the host is the CPU and the device is not: every count is exact, and the
+    CUDA-only branches (pinning, non_blocking copies) run. CPU-only builds cannot pin, so pin_memory is
+    stood in for (a copy remembered as pinned) and the DataLoader is told an accelerator exists. With
+    `device` "cpu" (a CPU run of the loop) the host is the device: every tensor counts for reads, and a
+    transfer cannot be seen (the meta runs count those)."""
+
+    def __init__(self, monkeypatch, device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.step = -1
+        self.counts = {"reads": {}, "pageable": {}, "pinned": {}}
+        self.pinned_storages, self.keep = set(), []  # keep: the pinned stand-ins, so that no address is reused
+        self.reading = False
+        for name in READS:
+            monkeypatch.setattr(torch.Tensor, name, self.counting_read(name))
+        if not on_host(self.device):
+            self.patch_transfers(monkeypatch)
+
+    def count(self, kind, what):
+        self.counts[kind].setdefault(self.step, []).append(f"{what} in {caller()}")
+
+    def of(self, kind, steps):
+        return {s: v for s, v in self.counts[kind].items() if s in steps}
+
+    def stepped(self, loader):
+        iterator = iter(loader)
+        while True:
+            self.step += 1
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            yield batch
+
+    def host_only(self):
+        frame = caller_frame()
+        return (on_host(self.device) and frame is not None and
+                (os.path.basename(frame.f_code.co_filename), frame.f_code.co_name) in HOST_ONLY)
+
+    def pinned(self, tensor):
+        return tensor.untyped_storage().data_ptr() in self.pinned_storages
+
+    def is_device_tensor(self, tensor):
+        return on_host(self.device) or not on_host(tensor)
+
+    def counting_read(self, name):
+        method = getattr(torch.Tensor, name)
+        traffic = self
+
+        def read(self, *args, **kwargs):
+            if traffic.reading:
+                return method(self, *args, **kwargs)
+            if traffic.is_device_tensor(self) and not traffic.host_only():
+                traffic.count("reads", name)
+            traffic.reading = True  # the dispatcher's view of the same read is not counted again
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                traffic.reading = False
+        return read
+
+    def patch_transfers(self, monkeypatch):
+        traffic, tensor, as_tensor = self, torch.tensor, torch.as_tensor
+        getitem, setitem = torch.Tensor.__getitem__, torch.Tensor.__setitem__
+
+        def from_data(make):
+            def made(data, *args, device=None, **kwargs):
+                if device is not None and not on_host(device) and not (torch.is_tensor(data) and not on_host(data)):
+                    traffic.count("pageable", f"{make.__name__}(data, device={device})")
+                return make(data, *args, device=device, **kwargs)
+            return made
+
+        def host_index(index):
+            parts = index if isinstance(index, tuple) else (index,)
+            return any(isinstance(part, (list, np.ndarray)) for part in parts)
+
+        def indexed(method):
+            def index(self, key, *args):
+                if not on_host(self) and host_index(key):
+                    traffic.count("pageable", "a device tensor indexed with a host list")
+                return method(self, key, *args)
+            return index
+
+        def pin_memory(self, *args, **kwargs):  # what a pinned copy would be, without a pinned allocator
+            pinned = self.clone()
+            traffic.pinned_storages.add(pinned.untyped_storage().data_ptr())
+            traffic.keep.append(pinned)
+            return pinned
+
+        monkeypatch.setattr(torch, "tensor", from_data(tensor))
+        monkeypatch.setattr(torch, "as_tensor", from_data(as_tensor))
+        monkeypatch.setattr(torch.Tensor, "__getitem__", indexed(getitem))
+        monkeypatch.setattr(torch.Tensor, "__setitem__", indexed(setitem))
+        monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+        monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *a: on_host(self) and traffic.pinned(self))
+        monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)  # the DataLoader pins
+        monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: self.device)
+        monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+        monkeypatch.setattr(torch.accelerator, "set_device_index", lambda index: None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (ATEN._to_copy.default, ATEN.copy_.default):
+            if func is ATEN._to_copy.default:
+                source, target = args[0], kwargs.get("device") or args[0].device
+                non_blocking = kwargs.get("non_blocking", False)
+            else:
+                source, target = args[1], args[0].device
+                non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+            if on_host(source) and not on_host(target):
+                pinned = non_blocking and self.pinned(source)
+                self.count("pinned" if pinned else "pageable", f"{func} of {tuple(source.shape)}")
+            elif not on_host(source) and on_host(target) and not self.reading:
+                self.count("reads", f"{func} of {tuple(source.shape)}")
+        elif func is ATEN._local_scalar_dense.default:
+            if not on_host(args[0]) and not self.reading:
+                self.count("reads", str(func))
+        else:
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            if any(not on_host(t) for t in tensors) and any(on_host(t) and t.dim() > 0 for t in tensors):
+                self.count("pageable", f"a host tensor handed to {func}")
+        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_the_steps_between_log_steps_read_nothing_from_the_device(tmp_path, monkeypatch, compiled):
-    """Counts every call that copies a tensor's value to the host, per step. On a GPU the same
-    loop runs under torch.cuda.set_sync_debug_mode("error") (test below). The CPU's own shortcut
-    (decisions read from host memory) is off here: this CPU run stands in for the device's path."""
+    """Counts every call that copies a tensor's value to the host, per step, the data path's included.
+    On a GPU the same loop runs under torch.cuda.set_sync_debug_mode("error") (tests below). The CPU's
+    own shortcut (decisions read from host memory) is off here: this CPU run stands in for the device's
+    path. The host is the device here, so transfers are counted on the meta device (test below)."""
     monkeypatch.setattr(TrainStep, "read_cpu_decisions", False)
-    original = TrainStep.gradients
-    current = {"step": -1}
-    reads = {}
+    traffic = HostTraffic(monkeypatch, "cpu")
+    open_loader = trainer.open_loader
 
-    def gradients(self, *args, **kwargs):
-        current["step"] += 1
-        return original(self, *args, **kwargs)
+    def counted_loader(*args, **kwargs):
+        loader, *rest = open_loader(*args, **kwargs)
+        return (traffic.stepped(loader), *rest)
 
-    def counting(name):
-        method = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            frame = sys._getframe(1)
-            # past torch's frames and this wrapper's own (a default-device mode calls back through it): whose call?
-            while frame is not None and (TORCH in frame.f_code.co_filename or frame.f_code.co_filename == __file__):
-                frame = frame.f_back
-            caller = frame.f_code.co_filename if frame is not None else "?"
-            if os.sep + os.path.join("vaegan", "data") + os.sep not in caller:  # the loader's host-side tensors
-                reads.setdefault(current["step"], []).append(f"{name} in {caller}:{frame and frame.f_lineno}")
-            return method(self, *args, **kwargs)
-        return read
-
-    monkeypatch.setattr(TrainStep, "gradients", gradients)
-    for name in READS:
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    monkeypatch.setattr(trainer, "open_loader", counted_loader)
     cfg = TrainConfig(steps=15, log_every=5, checkpoint_every=100, sample_every=100, keep_every=100,
                       compile=compiled, compile_backend="aot_eager", out=str(tmp_path / "run"), **TINY)
     trainer.train(cfg)
-    assert current["step"] == 14
+    assert traffic.step == 15  # 15 batches, and the end of the loader
     # steps are numbered from 0: step 4, 9 and 14 are log steps (the 5th, 10th and 15th)
-    assert reads.get(4)  # the counter counts: a log step reads
-    assert not any(reads.get(s) for s in (5, 6, 7, 8, 10, 11, 12, 13)), reads
+    assert traffic.of("reads", {4})  # the counter counts: a log step reads
+    assert not traffic.of("reads", {5, 6, 7, 8, 10, 11, 12, 13}), traffic.counts["reads"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU count above covers the CPU)")
-@pytest.mark.parametrize("fast", [False, True], ids=["eager", "compiled-cuda-graphs"])
-def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkeypatch, fast):
+# Pinned non_blocking copies a loader makes per batch: the uint8 images where they are not on the device
+# already, and the labels (rows, flips) of loader.labels_of; the built-in faces' DataLoader hands its
+# pinned batch to the step, which copies the images. DALI copies to the device itself (images and labels
+# come out of its pipeline on the GPU).
+PINNED_PER_BATCH = {"faces": 1, "pil-workers": 2, "cache-host": 2, "cache-gpu": 1, "dali": 0}
+META_STEPS = 4  # 3 steps an epoch: step 3 starts the second epoch (a new order, drawn on the host)
+
+
+def meta_loader(path, dataset, sampler, monkeypatch):
+    """`path`'s loader with the meta device standing for the GPU."""
+    from vaegan.data import make_loader
+    from vaegan.data.cache import CachedLoader, DecodedCache
+    from vaegan.data.loader import DeviceBatch
+    meta = torch.device("meta")
+    if path == "faces":
+        return make_loader(dataset, sampler, 0, pin_memory=True, device=meta)
+    if path == "pil-workers":
+        return make_loader(dataset, sampler, 1, device=meta)  # a worker decodes, the pinning thread pins
+    if path == "cache-host":
+        return CachedLoader(DecodedCache.decode(dataset, "host", "cpu", progress=False), dataset, sampler, meta)
+    if path == "cache-gpu":  # the decoded images on the device (their values do not matter on meta)
+        images = torch.empty((len(dataset), *dataset.decoded_shape()), dtype=torch.uint8, device=meta)
+        cache = DecodedCache(images, torch.arange(len(dataset)), [()] * len(dataset), 0.0)
+        return CachedLoader(cache, dataset, sampler, meta)
+    from vaegan.data.dali import DaliLoader
+    loader = DaliLoader(dataset, sampler.batch_size, 0, 1, sampler.seed, 0, sampler.end_step, sampler.flip)
+    # On CUDA DALI's output is on the device and copied there into torch's memory on torch's stream
+    # (_fetch); here its CPU output is replaced by device tensors of the same shape
+    loader.target_device, loader.finish = meta, DeviceBatch(dataset, meta)
+    monkeypatch.setattr(loader, "_fetch", lambda dense, dtype: torch.empty(dense.shape(), dtype=dtype, device=meta))
+    return loader
+
+
+def meta_step(dataset, channels, conditional):
+    """The trainer's step (trainer.build_step) on the meta device, with its optimizers' state on the
+    device as on CUDA (capturable: torch's optimizers allow that on meta only when told it is supported)."""
+    names = ",".join(dataset.attribute_names) if conditional else None
+    cfg = TrainConfig(model="cvaegan" if conditional else "vaegan", attributes=names, image_size=32,
+                      channels=channels, latent_size=16, fc_width=64, width=0.25, batch_size=4,
+                      precision="fp32", kernels="torch", compile=False, cuda_graphs=False).resolved()
+    columns = list(range(len(dataset.attribute_names))) if conditional else None
+    model, opts, step = trainer.build_step(cfg, torch.device("meta"), attribute_columns=columns)
+    for opt in opts.values():
+        for group in opt.param_groups:
+            group["capturable"] = True
+    return cfg, opts, step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path,augment,conditional", [
+    ("faces", "flip", False),
+    *[(path, augment, False) for path in ("pil-workers", "cache-host", "cache-gpu", "dali")
+      for augment in ("authors", "flip", "none")],
+    *[(path, "authors", True) for path in ("pil-workers", "cache-host", "cache-gpu", "dali")]])
+def test_steady_steps_copy_nothing_from_pageable_memory_and_read_nothing_on_every_loader(
+        tmp_path, monkeypatch, path, augment, conditional):
+    """Each loader's data path and the step, with the meta device standing for the GPU (the CUDA
+    branches run; values are not computed): from the second step on, no copy from pageable host
+    memory to the device and no read of a device tensor; the pinned non_blocking copies are the
+    loader's own, at most PINNED_PER_BATCH a batch. The first step builds what is kept on the device
+    (the low-pass and resize matrices) and is not counted."""
+    from vaegan.data import StepBatchSampler, build_dataset
+    from vaegan.gradients import STEP_STATS
+    from vaegan.optimizers import follow_schedule
+    from vaegan.tally import StepTally
+    if path == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    for module in map(importlib.import_module, ("torch.optim.optimizer", "torch.optim.rmsprop", "torch.optim.adam")):
+        supported = module._get_capturable_supported_devices
+        monkeypatch.setattr(module, "_get_capturable_supported_devices",
+                            lambda supports_xla=True, supported=supported: [*supported(supports_xla), "meta"])
+    channels = 1 if path == "faces" else 3
+    if path == "faces":
+        dataset = build_dataset("builtin:faces", "train", 32, channels)
+    else:
+        make_celeba(tmp_path / "data", n=16)  # 12 training images: 3 steps of 4 an epoch
+        dataset = build_dataset(str(tmp_path / "data"), "train", 32, channels)
+        dataset.augment = augment == "authors"
+    cfg, opts, step = meta_step(dataset, channels, conditional)
+    sampler = StepBatchSampler(len(dataset), 4, 0, 1, 7, 0, META_STEPS, flip=augment != "none")
+    loader = meta_loader(path, dataset, sampler, monkeypatch)
+    tally = StepTally(torch.device("meta"), STEP_STATS, {"decoder": 0, "discriminator": 0})
+    traffic = HostTraffic(monkeypatch, "meta")
+    with traffic:
+        for images, attributes, _ in traffic.stepped(loader):
+            assert images.shape == (4, channels, 32, 32)
+            assert images.device.type == "meta" or (path == "faces" and images.is_pinned())  # the step copies those
+            tally.add(step(images, attributes, traffic.step))
+            follow_schedule(opts, cfg, traffic.step + 1)
+    steady = set(range(1, META_STEPS))
+    assert traffic.step == META_STEPS
+    assert not traffic.of("pageable", steady), traffic.counts["pageable"]
+    assert not traffic.of("reads", steady), traffic.counts["reads"]
+    pinned = traffic.of("pinned", steady)
+    assert all(len(pinned.get(s, [])) <= PINNED_PER_BATCH[path] for s in steady), pinned
+    if PINNED_PER_BATCH[path]:
+        assert all(len(pinned.get(s, [])) == PINNED_PER_BATCH[path] for s in steady), pinned
+
+
+def test_the_host_traffic_counter_sees_each_kind_of_transfer_and_read(monkeypatch):
+    """What the meta runs above must not contain, each counted: a pageable copy, data made on the
+    device from a Python list (invisible to the dispatcher), a device tensor indexed with a list (as
+    `attributes[:, columns]` did), a host tensor handed to a device operation, and a read; a pinned
+    non_blocking copy is counted apart."""
+    traffic = HostTraffic(monkeypatch, "meta")
+    device_tensor = torch.empty(4, 3, device="meta")
+    with traffic:
+        traffic.step = 0
+        torch.arange(3).to("meta")
+        torch.tensor([0, 2], device="meta")
+        device_tensor[:, [0, 2]]
+        device_tensor.index_select(1, torch.arange(2))
+        torch.arange(3).pin_memory().to("meta", non_blocking=True)
+        torch.arange(3).pin_memory().to("meta")  # pinned, but waits
+        with pytest.raises(Exception):
+            device_tensor.sum().item()
+    assert len(traffic.counts["pageable"][0]) == 5, traffic.counts
+    assert len(traffic.counts["pinned"][0]) == 1 and len(traffic.counts["reads"][0]) == 1, traffic.counts
+
+
+def train_with_sync_errors(monkeypatch, cfg):
+    """trainer.train(cfg) with every synchronisation an error from the 6th step on, except around the
+    log steps (every 5th: the step before one and the one after it read or load under no check)."""
     original = TrainStep.gradients
     current = {"step": -1}
 
@@ -181,13 +448,48 @@ def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkey
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TrainStep, "gradients", gradients)
-    cfg = TrainConfig(steps=15, log_every=5, checkpoint_every=100, sample_every=100, keep_every=100,
-                      compile=fast, cuda_graphs=fast, out=str(tmp_path / "run"),
-                      **{**TINY, "device": "cuda", "loader": "pil"})
     try:
         trainer.train(cfg)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    assert current["step"] == cfg.steps - 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU count above covers the CPU)")
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "compiled-cuda-graphs"])
+def test_on_a_gpu_the_steps_between_log_steps_never_synchronise(tmp_path, monkeypatch, fast):
+    cfg = TrainConfig(steps=15, log_every=5, checkpoint_every=100, sample_every=100, keep_every=100,
+                      compile=fast, cuda_graphs=fast, out=str(tmp_path / "run"),
+                      **{**TINY, "device": "cuda", "loader": "pil"})
+    train_with_sync_errors(monkeypatch, cfg)
+
+
+GPU_LOADERS = {"cache-gpu": dict(data_cache="gpu"), "cache-host": dict(data_cache="host"),
+               "pil-workers": dict(loader="pil", data_cache="none", workers=2),
+               "dali": dict(loader="dali", data_cache="none")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the meta-device count above covers the CPU)")
+@pytest.mark.parametrize("path,conditional", [*[(path, False) for path in GPU_LOADERS],
+                                              ("cache-gpu", True), ("pil-workers", True), ("dali", True)])
+def test_on_a_gpu_every_loader_through_files_never_synchronises(tmp_path, monkeypatch, path, conditional):
+    """CelebA-layout JPEGs on disk, the authors' augmentation, each loader and cache, the run's default
+    step on CUDA (compiled, CUDA graphs), a conditional model too: steady steps under
+    set_sync_debug_mode("error"). 48 training images in batches of 8: epochs end inside the checked steps."""
+    from vaegan.data.dali import dali_unavailable_reason
+    if path == "dali" and dali_unavailable_reason():
+        pytest.skip(dali_unavailable_reason())
+    make_celeba(tmp_path / "data", n=64)
+    cfg = TrainConfig(data=str(tmp_path / "data"), steps=15, log_every=5, checkpoint_every=100, sample_every=100,
+                      keep_every=100, augment="authors", model="cvaegan" if conditional else "vaegan",
+                      image_size=32, latent_size=16, fc_width=64, width=0.25, batch_size=8, device="cuda",
+                      out=str(tmp_path / "run"), **{"workers": 0, **GPU_LOADERS[path]})
+    train_with_sync_errors(monkeypatch, cfg)
+    with open(tmp_path / "run" / "config.json") as f:
+        used = json.load(f)
+    assert used["augment"] == "authors" and used["data_cache"] == GPU_LOADERS[path]["data_cache"]
+    assert used["loader"] == ("dali" if path == "dali" else "pil")
 
 
 def test_precision_auto_is_bf16_where_the_device_has_bf16_and_fp32_elsewhere(monkeypatch):

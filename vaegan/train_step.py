@@ -84,6 +84,9 @@ class TrainStep:
         self.attribute_columns, self.reduce = attribute_columns, reduce
         first = next(model.parameters())
         self.device, self.param_dtype = first.device, first.dtype
+        # the columns as a device tensor: indexing with a Python list would copy it to the device every step
+        self.attribute_index = (None if attribute_columns is None else
+                                torch.tensor(attribute_columns, dtype=torch.int64, device=self.device))
         if mode.channels_last:
             model.to(memory_format=torch.channels_last)
         self._build()
@@ -151,7 +154,7 @@ class TrainStep:
         x = images.to(self.device, self.param_dtype, non_blocking=True)
         y = None
         if self.attribute_columns is not None:
-            y = attributes.to(self.device, non_blocking=True)[:, self.attribute_columns].to(self.param_dtype)
+            y = attributes.to(self.device, non_blocking=True).index_select(1, self.attribute_index).to(self.param_dtype)
         step_on_device = torch.full((1,), step, dtype=torch.int64, device=self.device)
         noise_seed, z_prior = self.noise(self.seed, step_on_device, batch, self.model.latent_size,
                                          batch * self.world_size, self.rank * batch)

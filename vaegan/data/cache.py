@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .datasets import UNREADABLE_ERRORS, DataError
-from .loader import BatchPreprocess
+from .loader import DeviceBatch, labels_of, to_device
 
 GPU_SHARE = 0.5
 HOST_SHARE = 0.5
@@ -115,30 +115,31 @@ class DecodedCache:
 
 class CachedLoader:
     """Iterates (float images on `device`, attributes, unreadable) for the sampler's steps: the cache's
-    rows of each step's images, preprocessed in one batch on `device`."""
+    rows of each step's images, preprocessed in one batch on `device`. Per step the host sends the
+    device one pinned copy of the batch's labels (rows and flips), and the selected images too where
+    the cache is in host memory; the attributes are read from a copy of their table on the device."""
 
     num_workers = 0
 
     def __init__(self, cache, dataset, sampler, device, preprocess=None):
         self.cache, self.dataset, self.sampler = cache, dataset, sampler
         self.device = torch.device(device)
-        self.preprocess = preprocess or BatchPreprocess.of(dataset)
+        self.finish = DeviceBatch(dataset, self.device, preprocess)
 
     def __len__(self):
         return len(self.sampler)
 
     def __iter__(self):
-        images, cuda = self.cache.images, self.device.type == "cuda"
+        images = self.cache.images
         for batch in self.sampler:
             indices = [index for index, _, _ in batch]
-            rows = self.cache.source[indices]
-            if images.is_cuda:
-                selected = images.index_select(0, rows.pin_memory().to(images.device, non_blocking=True))
+            rows = self.cache.source[indices]  # host memory: no device involved
+            labels = labels_of(rows, [bool(flip) for _, flip, _ in batch])
+            if images.device.type == self.device.type:  # on the device already (or a CPU run's host cache)
+                labels = to_device(labels, self.device)
+                selected = images.index_select(0, labels[:, 0])
             else:
-                selected = images.index_select(0, rows)
-                if cuda:
-                    selected = selected.pin_memory().to(self.device, non_blocking=True)
-            flips = torch.tensor([bool(flip) for _, flip, _ in batch])
+                selected = to_device(images.index_select(0, rows), self.device)
+                labels = to_device(labels, self.device)
             unreadable = [path for index in indices for path in self.cache.unreadable[index]]
-            yield (self.preprocess(selected, flips, [place for _, _, place in batch]), self.dataset.attributes[rows],
-                   unreadable)
+            yield (*self.finish(selected, labels, [place for _, _, place in batch]), unreadable)

@@ -7,7 +7,7 @@ and it takes slot j of iteration i from the sampler's batch at step start + i (s
 continues exactly), reads that file's bytes, and returns them with the image's data-set index and its
 flip bit. Nothing is done per image on the thread that launches the training step: it receives the
 decoded batch and these values as arrays, and draws the step's augmentations from (seed, step,
-slots) in a few tensor operations (loader.BatchPreprocess, as every loader draws them).
+slots) in a few tensor operations on the device (loader.DeviceBatch, as every loader draws them).
 
 DALI only decodes: CelebA's whole 178x218 image; a folder's centred square at datasets.decoded_side
 (the side ImageFiles.decode gives the PIL loader and the cache), cut, low-passed and resized in DALI
@@ -21,10 +21,12 @@ global batch) differ every epoch and are counted in the start-up line. A file DA
 or a CelebA file of another size, stops the run with an error naming it (the PIL loader instead
 skips and counts such files).
 
-On CUDA the decoded batch is copied into PyTorch memory on PyTorch's current stream, so the copy
-is ordered with the preprocessing and the training step's kernels (as DALI's own PyTorch iterator
-does). With device "cpu" the pipeline runs on DALI's CPU operators (device_id=None): that is how
-the tests exercise it on machines without a GPU.
+On CUDA the decoded batch and its labels (index, flip), both on the GPU (the labels copied there
+inside the pipeline), are copied into PyTorch memory on PyTorch's current stream, so the copy is
+ordered with the preprocessing and the training step's kernels (as DALI's own PyTorch iterator does)
+and nothing goes from the host to the device per batch on PyTorch's side. With device "cpu" the
+pipeline runs on DALI's CPU operators (device_id=None): that is how the tests exercise it on machines
+without a GPU.
 """
 import os
 
@@ -33,7 +35,7 @@ import torch
 from PIL import Image
 
 from .datasets import DataError, decoded_side
-from .loader import BatchPreprocess, StepBatchSampler
+from .loader import DeviceBatch, StepBatchSampler
 from .preprocess import CELEBA_SIZE
 
 DALI_THREADS = 4
@@ -122,7 +124,8 @@ def _build_pipeline(source, dataset, batch_size, device, device_id, py_start_met
         images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
         if not dataset.celeba:
             images = _folder_square(images, encoded, decoded_side(dataset.image_size, dataset.augment))
-        return images, labels
+        # on the GPU the labels go to the device inside the pipeline, with DALI's own asynchronous copy
+        return images, labels.gpu() if device == "cuda" else labels
 
     pipe = pipeline()
     pipe.build()
@@ -156,6 +159,7 @@ class DaliLoader:
         start_method = py_start_method or ("spawn" if device == "cuda" else "fork")
         self.pipe = _build_pipeline(self.source, dataset, batch_size, device, device_id, start_method)
         self.target_device = torch.device("cuda", device_id) if device == "cuda" else torch.device("cpu")
+        self.finish = DeviceBatch(dataset, self.target_device)
 
     def __len__(self):
         return len(self.sampler)
@@ -183,24 +187,27 @@ class DaliLoader:
             pool.close()
 
     def _to_torch(self, i, images, labels):
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
         if self.dataset.celeba and not images.is_dense_tensor():
             self._wrong_size(i, images)
-        images = images.as_tensor()
-        target = torch.empty(images.shape(), dtype=torch.uint8, device=self.target_device)
-        # on CUDA, DALI's copy is queued on PyTorch's current stream: ordered with the step's kernels
+        images, labels = self._fetch(images.as_tensor(), torch.uint8), self._fetch(labels.as_tensor(), torch.int64)
+        return self._batch(i, images, labels)
+
+    def _fetch(self, dense, dtype):
+        """A DALI tensor (on the device on CUDA) as a torch tensor on the training device. On CUDA, DALI's
+        copy is queued on PyTorch's current stream: ordered with the step's kernels, nothing waits."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        target = torch.empty(dense.shape(), dtype=dtype, device=self.target_device)
         stream = torch.cuda.current_stream(self.target_device) if self.device == "cuda" else None
-        feed_ndarray(images, target, cuda_stream=stream)
-        labels = torch.from_numpy(np.array(labels.as_tensor()))
+        feed_ndarray(dense, target, cuda_stream=stream)
+        return target
+
+    def _batch(self, i, images, labels):
+        """images uint8 (B, H, W, 3) and labels int64 (B, 2) (index, flip), on the training device ->
+        (float batch, attributes, unreadable=[]), drawn and preprocessed as every loader does."""
         sampler, first = self.sampler, self.sampler.rank * self.sampler.batch_size
-        places = [(sampler.seed, sampler.start_step + i, first + j) for j in range(len(labels))]
-        batch = BatchPreprocess.of(self.dataset)(target, labels[:, 1].bool(), places)  # as every loader does
-        d = self.dataset
-        attributes = d.attributes[labels[:, 0]]
-        if self.device == "cuda":  # pinned, so that the loop's non_blocking copy does not wait
-            attributes = attributes.pin_memory()
-        return batch, attributes, []
+        places = [(sampler.seed, sampler.start_step + i, first + j) for j in range(images.shape[0])]
+        return (*self.finish(images, labels, places), [])
 
     def _wrong_size(self, i, images):
         want = (CELEBA_SIZE[1], CELEBA_SIZE[0])

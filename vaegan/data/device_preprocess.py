@@ -4,7 +4,9 @@ Same maths, same order: the authors' augmentation on the whole image (similarity
 scikit-image's order-3 interpolation, border pixels repeated, clipped to the input's range; then
 gamma, HSV saturation and value powers, hue shift), the crop (CelebA's, or the centred square), the
 Gaussian low-pass and the order-3 spline resize as matrix products, truncation to 0..255, and the
-horizontal flip last. Images are uint8 (B, H, W, C), all of one size, already decoded: CelebA's
+horizontal flip last. Nothing is copied from the host per batch: the augmentation's parameters are
+drawn on the device from (seed, step, first slot), and the low-pass and resize matrices are built and
+copied to the device once per shape. Images are uint8 (B, H, W, C), all of one size, already decoded: CelebA's
 178x218 images, or any other size, whose centred square is taken. The warp sees the whole image, as
 the CPU path's does: a folder's images cut to squares beforehand differ from it at the borders.
 
@@ -30,10 +32,11 @@ AUGMENTATION_FIELDS = ("translation", "scale", "rotation", "gamma", "contrast", 
 
 def draw_batch(places, device=None):
     """[(seed, step, slot), ...] -> {field: float64 tensor on `device`}: augment.draw_fields of each
-    (seed, step) group's slots (a loader's batch is one group: a few tensor operations)."""
-    if len({(seed, step) for seed, step, _ in places}) == 1:  # a loader's batch: no regrouping
-        seed, step, _ = places[0]
-        return augment.draw_fields(seed, step, torch.tensor([slot for *_, slot in places], device=device))
+    (seed, step) group's slots. A loader's batch (one group, consecutive slots) is drawn on the device
+    from its first slot alone: nothing is copied from the host."""
+    seed, step, first = places[0]
+    if all(place == (seed, step, first + j) for j, place in enumerate(places)):
+        return augment.draw_fields(seed, step, torch.arange(first, first + len(places), device=device))
     groups = {}
     for i, (seed, step, slot) in enumerate(places):
         groups.setdefault((seed, step), []).append((i, slot))
@@ -78,7 +81,7 @@ def warp(images, matrices, box=None, a=KEYS_A):
     rows, columns = torch.meshgrid(torch.arange(upper, lower, device=device, dtype=torch.float64),
                                    torch.arange(left, right, device=device, dtype=torch.float64), indexing="ij")
     grid = torch.stack([columns, rows, torch.ones_like(rows)]).reshape(3, -1)  # (x, y, 1)
-    source = (matrices.to(device) @ grid).to(dtype)  # (B, 2, N): input x, y
+    source = (matrices @ grid).to(dtype)  # (B, 2, N): input x, y
     x0, y0 = source[:, 0].floor(), source[:, 1].floor()
     wx, wy = keys_weights(source[:, 0] - x0, a), keys_weights(source[:, 1] - y0, a)
     x0, y0 = x0.long(), y0.long()
@@ -151,15 +154,22 @@ def _lowpass_matrix(source, sigma, truncate=4.0):
     return matrix
 
 
+@functools.lru_cache(maxsize=16)
+def lowpass_resize_matrices(source, size, device, dtype):
+    """(blur (source, source) or None, resize (size, source)) on `device`: built and copied there once
+    per shape, so that a batch copies nothing from the host."""
+    blur = None
+    if source > size:
+        blur = torch.from_numpy(_lowpass_matrix(source, lowpass_sigma(source / size))).to(device, dtype)
+    return blur, torch.from_numpy(_resize_matrix(source, size)).to(device, dtype)
+
+
 def lowpass_resize(images, size):
     """float (B, C, S, S) in [0, 1] -> float (B, C, size, size) on the 0..255 grid (truncated), as
     preprocess.lowpass_resize: blur when shrinking, order-3 spline resize, clip to the range."""
-    source = images.shape[-1]
-    dtype, device = images.dtype, images.device
-    if source > size:
-        blur = torch.from_numpy(_lowpass_matrix(source, lowpass_sigma(source / size))).to(device, dtype)
+    blur, resize = lowpass_resize_matrices(images.shape[-1], size, images.device, images.dtype)
+    if blur is not None:
         images = blur @ images @ blur.T
-    resize = torch.from_numpy(_resize_matrix(source, size)).to(device, dtype)
     resized = resize @ images @ resize.T
     low, high = images.amin(dim=(1, 2, 3)), images.amax(dim=(1, 2, 3))
     resized = torch.maximum(torch.minimum(resized, high[:, None, None, None]), low[:, None, None, None])
@@ -172,8 +182,9 @@ def to_channels(images, channels):
         return images
     if channels == 3:
         return images.expand(-1, -1, -1, 3)
-    weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32, device=images.device)
-    return ((images.int() * weights).sum(3, keepdim=True) + 32768).bitwise_right_shift(16).to(torch.uint8)
+    red, green, blue = images.int().unbind(3)  # scalar weights: no weight tensor copied to the device
+    grey = red * 19595 + green * 38470 + blue * 7471 + 32768
+    return grey.bitwise_right_shift(16).to(torch.uint8).unsqueeze(3)
 
 
 def crop_box(height, width, celeba):

@@ -61,11 +61,33 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield self.batch_at(step, orders)
 
 
+def on_host(device):
+    return torch.device(device).type == "cpu"
+
+
+def to_device(tensor, device):
+    """A batch's tensor on `device`. From the host it is copied out of pinned memory without waiting
+    (pinned here if the loader did not pin it): a copy from pageable memory would make the host wait
+    for everything queued on the device, so the next batch would be prepared only after the step."""
+    device = torch.device(device)
+    if on_host(device) or not on_host(tensor.device):
+        return tensor
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def labels_of(rows, flips):
+    """int64 (B, 2): each image's row of the attribute table and its flip bit, one small tensor so that
+    a batch's bookkeeping reaches the device in one copy."""
+    return torch.stack([torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(flips, dtype=torch.int64)], 1)
+
+
 class BatchPreprocess:
     """(uint8 (B, H, W, C) decoded images, flips, places) -> the float batch (B, C, size, size) in [-1, 1]:
     device_preprocess.preprocess_batch on the images' device, with the authors' augmentation drawn
-    from each image's (seed, step, slot) when `augment`. The one preprocessing of every PIL path
-    (workers, the main process, the decoded cache)."""
+    there from each image's (seed, step, slot) when `augment`. The one preprocessing of every loader
+    (PIL workers, the main process, the decoded cache, DALI). flips: bool (B,) on the images' device."""
 
     def __init__(self, image_size, channels, celeba, augment, dtype=torch.float32):
         self.image_size, self.channels, self.celeba = image_size, channels, celeba
@@ -76,14 +98,29 @@ class BatchPreprocess:
         return cls(dataset.image_size, dataset.channels, dataset.celeba, dataset.augment, dtype)
 
     def __call__(self, images, flips, places):
-        augmentations = draw_batch(places) if self.augment else None
+        augmentations = draw_batch(places, images.device) if self.augment else None
         return preprocess_batch(images, self.image_size, self.channels, self.celeba, augmentations,
                                 torch.as_tensor(flips, dtype=torch.bool), self.dtype)
 
 
+class DeviceBatch:
+    """A loader's last stage: (images on the device, labels on the device, places) -> (float batch,
+    attributes, ...), with the data set's attribute table copied to the device once."""
+
+    def __init__(self, dataset, device, preprocess=None):
+        self.device = torch.device(device)
+        self.preprocess = preprocess or BatchPreprocess.of(dataset)
+        self.attributes = dataset.attributes.to(self.device)
+
+    def __call__(self, images, labels, places):
+        """images: uint8 (B, H, W, C) and labels: labels_of's, both on the device."""
+        return (self.preprocess(images, labels[:, 1].bool(), places),
+                self.attributes.index_select(0, labels[:, 0]))
+
+
 class DecodedFiles(torch.utils.data.Dataset):
-    """ImageFiles as the loader reads them: (uint8 (H, W, C) decoded image, attributes, unreadable, flip,
-    place), an unreadable file replaced by the next readable one as in ImageFiles.__getitem__."""
+    """ImageFiles as the loader reads them: (uint8 (H, W, C) decoded image, attribute row, unreadable,
+    flip, place), an unreadable file replaced by the next readable one as in ImageFiles.__getitem__."""
 
     in_memory = False
 
@@ -96,7 +133,7 @@ class DecodedFiles(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, flip, place = item
         array, candidate, unreadable = self.files.first_readable(index, self.files.decode)
-        return torch.from_numpy(array), self.files.attributes[candidate], unreadable, flip, place
+        return torch.from_numpy(array), candidate, unreadable, flip, place
 
 
 def collate(samples):
@@ -107,46 +144,50 @@ def collate(samples):
 
 
 class CollateDecoded:
-    """Stacks DecodedFiles' samples into (uint8 batch, attributes, unreadable, flips, places); with a
+    """Stacks DecodedFiles' samples into (uint8 batch, labels (labels_of), unreadable, places); with a
     BatchPreprocess (CPU runs: in the worker), the float batch in the first place instead."""
 
     def __init__(self, preprocess=None):
         self.preprocess = preprocess
 
     def __call__(self, samples):
-        images, attributes, unreadable = collate(samples)
-        flips = torch.tensor([bool(s[3]) for s in samples])
+        images = torch.stack([s[0] for s in samples])
+        labels = labels_of([s[1] for s in samples], [bool(s[3]) for s in samples])
+        unreadable = [path for s in samples for path in s[2]]
         places = [s[4] for s in samples]
         if self.preprocess is not None:
-            images = self.preprocess(images, flips, places)
-        return images, attributes, unreadable, flips, places
+            images = self.preprocess(images, labels[:, 1].bool(), places)
+        return images, labels, unreadable, places
 
 
 class DecodingLoader:
     """Iterates (float images, attributes, unreadable) from DataLoader workers that decode image files.
     On a CPU the workers preprocess too (the same function on CPU tensors, in parallel, one thread
-    each: this was faster on 2 cores than the main process preprocessing between steps); on CUDA they
-    hand pinned uint8 batches, which are copied to the device and preprocessed there in one batch."""
+    each: this was faster on 2 cores than the main process preprocessing between steps); on a device
+    they hand uint8 batches and their labels, pinned by the DataLoader, which are copied to the device
+    without waiting and preprocessed there in one batch."""
 
     def __init__(self, dataset, sampler, workers, device, preprocess=None):
         self.device = torch.device(device)
-        self.preprocess = preprocess or BatchPreprocess.of(dataset)
-        self.in_workers = self.device.type == "cpu"
-        cuda = self.device.type == "cuda"
+        self.in_workers = on_host(self.device)
+        self.finish = DeviceBatch(dataset, self.device, preprocess)
         self.loader = torch.utils.data.DataLoader(
             DecodedFiles(dataset), batch_sampler=sampler, num_workers=workers,
-            collate_fn=CollateDecoded(self.preprocess if self.in_workers else None), pin_memory=cuda,
-            prefetch_factor=PREFETCH_PER_WORKER if workers else None, persistent_workers=False)
+            collate_fn=CollateDecoded(self.finish.preprocess if self.in_workers else None),
+            pin_memory=not self.in_workers, prefetch_factor=PREFETCH_PER_WORKER if workers else None,
+            persistent_workers=False)
         self.num_workers = workers
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for images, attributes, unreadable, flips, places in self.loader:
-            if not self.in_workers:
-                images = self.preprocess(images.to(self.device, non_blocking=True), flips, places)
-            yield images, attributes, unreadable
+        for images, labels, unreadable, places in self.loader:
+            if self.in_workers:
+                yield images, self.finish.attributes.index_select(0, labels[:, 0]), unreadable
+            else:
+                yield (*self.finish(to_device(images, self.device), to_device(labels, self.device), places),
+                       unreadable)
 
 
 PREFETCH_PER_WORKER = 4  # batches each worker keeps ready
