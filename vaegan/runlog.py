@@ -10,6 +10,7 @@ import time
 from tqdm import tqdm
 
 from . import checkpoint
+from .config import MACHINE_CHOICES
 from .gradients import STEP_STATS
 from .schedule import learning_rate
 
@@ -73,6 +74,11 @@ class RunLog:
                   f"{f', {lr:.3g} at step {run.start_step}' if lr != cfg.lr else ''}), gamma {cfg.gamma:g}, decoder GAN "
                   f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}; every value used is "
                   "in config.json")
+        if run.resumed:
+            chosen = [f"{name.replace('_', ' ')} {getattr(cfg, name)} ({why[name]})" for name in MACHINE_CHOICES
+                      if name in why and name != "loader"]  # the loader's line above names its workers
+            self.line("vaegan: resumed with the run's facts from its checkpoint; this machine's choices, made again: "
+                      + ", ".join(chosen))
         self.line(f"vaegan: {'resuming at' if run.resumed else 'starting at'} step {run.start_step} of {cfg.steps}; "
                   f"run directory {cfg.out}")
         self.since = (time.perf_counter(), run.start_step)
