@@ -72,7 +72,7 @@ def conditional_runs(attribute_data):
 
 
 def test_conditional_runs_train_save_and_generate_from_attributes(conditional_runs, attribute_data):
-    assert json.loads((conditional_runs["cvaegan"] / "config.json").read_text())["attributes"] == "Bright,Lucky"
+    assert json.loads((conditional_runs["cvaegan"] / "config.json").read_text())["run"]["attributes"] == "Bright,Lucky"
     assert (conditional_runs["cvaegan"] / "samples-0000003.png").stat().st_size > 0
     model = vaegan.load(str(conditional_runs["cvaegan"]))
     assert model.conditional and model.attribute_names == ["Bright", "Lucky"]

@@ -179,7 +179,7 @@ def test_training_with_the_dali_loader_on_cpu(tmp_path):
     done = run_train(args + ["--loader", "dali"])
     assert done.returncode == 0, done.stderr
     assert "loader dali (CPU operators)" in done.stderr and "augment authors" in done.stderr  # the default on real data
-    assert json.load(open(out / "config.json"))["augment"] == "authors"
+    assert json.load(open(out / "config.json"))["run"]["augment"] == "authors"
     done = run_train(SMALL + ["--steps", "1", "--loader", "dali", "--out", str(tmp_path / "faces")])
     assert done.returncode == 2 and "--loader dali: the built-in faces are held in memory" in done.stderr
 

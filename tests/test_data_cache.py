@@ -49,19 +49,19 @@ def test_host_cache_and_per_batch_decoding_train_the_same_parameters(celeba, tmp
     for choice in ("host", "none"):
         models[choice] = train(dict(values, data_cache=choice), tmp_path / choice).model
         with open(tmp_path / choice / "config.json") as f:
-            assert json.load(f)["data_cache"] == choice
+            assert json.load(f)["machine"]["data_cache"] == choice
     for p, q in zip(models["host"].parameters(), models["none"].parameters()):
         assert torch.equal(p, q)
     train(dict(values, steps=1), tmp_path / "auto")  # auto on a CPU: none, and config.json says so
     with open(tmp_path / "auto" / "config.json") as f:
-        assert json.load(f)["data_cache"] == "none"
+        assert json.load(f)["machine"]["data_cache"] == "none"
 
 
 def test_resume_with_the_cache_continues_exactly(celeba, tmp_path):
     values = dict(TINY, data=celeba, augment="authors", data_cache="host", lr_schedule_steps=5)
     whole = train(dict(values, steps=5), tmp_path / "whole").model
     train(dict(values, steps=2), tmp_path / "half")
-    assert checkpoint.load(str(tmp_path / "half"))["config"]["data_cache"] == "host"
+    assert "data_cache" not in checkpoint.load(str(tmp_path / "half"))["config"]  # a choice of the machine's
     resumed = train(dict(steps=5, resume=str(tmp_path / "half"), data_cache="host"), tmp_path / "half",
                     explicit=("steps", "resume", "data_cache")).model
     for p, q in zip(whole.parameters(), resumed.parameters()):

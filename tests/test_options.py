@@ -98,6 +98,21 @@ def test_the_run_facts_and_the_machine_choices_are_apart():
     assert written["reasons"] == {"workers": "requested"}
 
 
+def test_workers_are_the_machines_cores_for_image_files_and_none_for_data_in_memory(tmp_path):
+    from vaegan import options
+    from vaegan.config import default_workers
+    from vaegan.data import build_dataset
+    make_folder(tmp_path / "data", n=4)
+    cpu = torch.device("cpu")
+    for data, expected in ((str(tmp_path / "data"), default_workers()), ("builtin:faces", 0)):
+        cfg = TrainConfig(data=data, device="cpu", out="unused").resolved()
+        dataset = build_dataset(cfg.data, "train", cfg.image_size, cfg.channels)
+        resolved, reasons = options.resolve(cfg, cpu, 1, dataset)
+        assert resolved.workers == expected and reasons["workers"].startswith("default")
+    resolved, reasons = options.resolve(TrainConfig(workers=3, out="unused"), cpu, 1, dataset)
+    assert (resolved.workers, reasons["workers"]) == (3, "requested")
+
+
 # tiny networks, 12 image files: the first run's machine choices, and others on resume
 TINY = dict(image_size=32, latent_size=16, fc_width=64, width=0.25, batch_size=4, device="cpu", log_every=1,
             sample_every=1000, lr_schedule_steps=3, augment="flip")

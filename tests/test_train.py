@@ -30,9 +30,12 @@ def test_run_writes_config_metrics_grids_tensorboard_and_a_loadable_model(tmp_pa
     assert done.returncode == 0, done.stderr
     precision, why = resolve_precision(torch.device("cpu"))  # bf16 on a CPU with bf16 instructions
     assert f"device cpu, precision {precision} ({why}), loader pil" in done.stderr
-    config = json.loads((out / "config.json").read_text())
-    assert "auto" not in config.values() and None not in (config[n] for n in ("device", "kernels", "workers", "out"))
-    assert config["kernels"] == "torch" and config["memory_format"] == "channels-last" and config["loader"] == "pil"
+    written = json.loads((out / "config.json").read_text())
+    config, machine = written["run"], written["machine"]
+    assert "auto" not in {**config, **machine}.values()
+    assert None not in (config[n] for n in ("kernels", "out")) and None not in machine.values()
+    assert config["kernels"] == "torch" and machine["memory_format"] == "channels-last" and machine["loader"] == "pil"
+    assert machine["workers"] == 0 and written["reasons"]["workers"] == "requested"
     assert config["steps"] == 4 and config["gamma"] == 1e-3 and config["data"] == "builtin:faces"
     assert set(config) >= {"model", "lr", "batch_size", "seed", "precision", "latent_size", "margin"}
     lines = metrics(out)
@@ -47,10 +50,10 @@ def test_run_writes_config_metrics_grids_tensorboard_and_a_loadable_model(tmp_pa
     assert [m["lr"] for m in lines] == [learning_rate("authors", config["lr"], s - 1, 4) for s in (2, 4)]
     assert lines[0]["lr"] < config["lr"] and lines[1]["lr"] < lines[0]["lr"]
     saved = torch.load(out / "checkpoint.pt", weights_only=False)
-    # the checkpoint keeps the options as given, with the run's own decisions: a resume decides the machine's again
+    # the checkpoint keeps the run's facts, its own decisions included: a resume decides the machine's again
     kept = saved["config"]
-    assert kept["precision"] == precision and kept["kernels"] == kept["loader"] == "auto"
-    assert kept["compile"] is None and kept["memory_format"] == kept["optimizer_impl"] == "auto"
+    assert kept == config and kept["precision"] == precision and kept["kernels"] == "torch"
+    assert not set(kept) & set(machine)
     for state in saved["optimizers"].values():
         assert float(state["param_groups"][0]["lr"]) == pytest.approx(learning_rate("authors", config["lr"], 4, 4))
     for name in ("samples-0000002.png", "reconstructions-0000004.png", "checkpoint.pt"):
