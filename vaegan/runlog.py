@@ -110,8 +110,10 @@ class RunLog:
                   f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}; every value used is "
                   "in config.json")
         if run.resumed:
-            chosen = [f"{name.replace('_', ' ')} {getattr(cfg, name)} ({why[name]})" for name in MACHINE_CHOICES
-                      if name in why and name != "loader"]  # the loader's line above names its workers
+            def shown(value):
+                return ("on" if value else "off") if isinstance(value, bool) else value
+            chosen = [f"{name.replace('_', ' ')} {shown(getattr(cfg, name))} ({why[name]})"
+                      for name in MACHINE_CHOICES if name in why and name != "loader"]  # the loader: on the line above
             self.line("vaegan: resumed with the run's facts from its checkpoint; this machine's choices, made again: "
                       + ", ".join(chosen))
         self.line(f"vaegan: {'resuming at' if run.resumed else 'starting at'} step {run.start_step} of {cfg.steps}; "
