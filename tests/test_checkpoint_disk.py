@@ -188,6 +188,7 @@ def test_an_append_that_does_not_fit_is_one_error_and_leaves_the_file_as_it_was(
     assert path.read_bytes() == b'{"step": 1}\n'  # the torn part is cut off: every line still reads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file", ["metrics.jsonl", "events.out.tfevents"])
 def test_a_run_stops_at_a_log_step_whose_records_do_not_fit_with_one_line_and_a_loadable_checkpoint(
         tmp_path, full_appends, monkeypatch, capsys, file):

@@ -172,6 +172,7 @@ def test_builtin_faces_with_dali_are_a_clear_error():
         DaliLoader(build_dataset("builtin:faces", "train", 32, 1), 4, 0, 1, 0, 0, 1)
 
 
+@pytest.mark.slow
 def test_training_with_the_dali_loader_on_cpu(tmp_path):
     make_celeba(tmp_path / "data", n=20)
     out = tmp_path / "run"

@@ -41,6 +41,7 @@ def train(cfg_values, out, explicit=()):
     return trainer.train(cfg)
 
 
+@pytest.mark.slow
 def test_host_cache_and_per_batch_decoding_train_the_same_parameters(celeba, tmp_path):
     """Both paths hand the same uint8 images to the same preprocess_batch, so the parameters after 3
     steps with the authors' augmentation are bit-identical (no tolerance needed)."""
@@ -57,6 +58,7 @@ def test_host_cache_and_per_batch_decoding_train_the_same_parameters(celeba, tmp
         assert json.load(f)["machine"]["data_cache"] == "none"
 
 
+@pytest.mark.slow
 def test_resume_with_the_cache_continues_exactly(celeba, tmp_path):
     values = dict(TINY, data=celeba, augment="authors", data_cache="host", lr_schedule_steps=5)
     whole = train(dict(values, steps=5), tmp_path / "whole").model

@@ -130,7 +130,7 @@ def train(out, explicit=(), **values):
     return trainer.train(cfg)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_a_resume_chooses_the_machine_again_and_takes_the_same_next_step(tmp_path, precision, capfd):
     data = tmp_path / "data"
     make_folder(data, n=12)

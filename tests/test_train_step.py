@@ -34,6 +34,7 @@ def reference_grads(model, x, z_prior, cfg, seed, attributes=None):
     return grads(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder_call", ["separate", "joint"])
 def test_compiled_step_with_inductor_gives_the_reference_gradients(decoder_call):
     # Real code generation (inductor's C++ backend on a CPU): the routed backward survives compilation.
@@ -375,6 +376,7 @@ def test_max_autotune_is_inductors_mode_with_or_without_cuda_graphs():
     assert step.mode.max_autotune and step.mode.compile_mode() == "max-autotune-no-cudagraphs"
 
 
+@pytest.mark.slow
 def test_train_with_the_step_levers_logs_them(tmp_path):
     done = run_train(SMALL + ["--steps", "2", "--log-every", "1", "--pad-channels", "--decoder-call", "joint",
                               "--out", str(tmp_path / "run")])
@@ -384,6 +386,7 @@ def test_train_with_the_step_levers_logs_them(tmp_path):
     assert saved["pad_channels"] is True and saved["decoder_call"] == "joint"
 
 
+@pytest.mark.slow
 def test_train_with_fused_bn_relu_logs_the_fused_convolutions(tmp_path):
     # Triton's interpreter (conftest.py): narrow networks, one step; the joint decoder call keeps its own layers
     done = run_train(SMALL + ["--width", "0.125", "--steps", "1", "--log-every", "1", "--decoder-call", "joint",
