@@ -3,7 +3,8 @@
 `resolve(cfg, device, world_size, dataset)` is the one place a run's choices are made: the data's
 presets, the precision, the attributes a conditional model takes, the kernels, whether the step is
 compiled and captured in CUDA graphs, the memory format, the optimizers' implementation, the loader and
-the decoded-data cache. What it returns holds no `auto` (it is config.json).
+the decoded-data cache. What it returns holds no `auto`: config.json writes it, the run's facts apart
+from the machine's choices (config.MACHINE_CHOICES), which a resumed run makes again.
 `CHECKS` is the table of option combinations (and of options with the machine and the data) that
 cannot run; `check` applies it, before anything is built (the rows that need no machine) and again
 on the resolved values. A choice asked for by name that this machine or data cannot provide (CUDA,
