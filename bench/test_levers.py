@@ -1,4 +1,4 @@
-"""Each lever of the step (issue 18) against the fastest step without it, measured in the same run.
+"""Each lever of the step against the fastest step without it, measured in the same run.
 
 Rows: `fastest` (bench/baseline.py's fastest mode, every lever at its default) and the fastest mode
 with one lever on, at each batch; `speedup_vs_fastest` is a row's img/s over the `fastest` row's of

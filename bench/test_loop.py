@@ -37,7 +37,7 @@ if CUDA:  # the default command's settings (trainer defaults) on generated Celeb
     WORKERS = min(16, os.cpu_count() or 1)
     WARMUP_LOGS = math.ceil((WORKERS * PREFETCH_PER_WORKER + 50) / LOG_EVERY)  # past compiling and the queue
     STEPS = WARMUP_LOGS * LOG_EVERY + 400
-    # VAEGAN_BENCH_LOOP_BATCH=512: the 25,000 img/s goal in the loop (bench/run_gpu.sh loop512)
+    # VAEGAN_BENCH_LOOP_BATCH=512: the 25,000 img/s goal in the loop (bench/run_gpu.sh loop512)
     SETTINGS = dict(workers=WORKERS, batch_size=int(os.environ.get("VAEGAN_BENCH_LOOP_BATCH", 64)))
     LOADERS = {"cache": dict(data_cache="gpu"), "pil": dict(loader="pil", data_cache="none"),
                "dali": dict(loader="dali", data_cache="none")}

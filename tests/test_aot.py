@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from kernels.aot import KERNELS, TARGETS, kernel_dtypes
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_sm80_and_sm90_in_every_precision_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "kernels.aot"], capture_output=True, text=True, cwd=ROOT, env=env,

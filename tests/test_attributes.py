@@ -23,6 +23,7 @@ def test_attribute_vectors_on_a_toy_latent():
         attribute_vectors(codes[:2], attributes[:2], ["A", "B"])
 
 
+@pytest.mark.slow
 def test_attribute_grid_end_to_end_on_celeba_layout(tmp_path):
     make_celeba(tmp_path / "celeba", n=24)
     out = tmp_path / "run"
@@ -40,6 +41,7 @@ def test_attribute_grid_end_to_end_on_celeba_layout(tmp_path):
     assert done.returncode == 2 and "attributes Wings are not in the attribute file" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_folder_with_an_attribute_file_has_attributes_and_without_is_a_clear_error(tmp_path):
     paths = make_folder(tmp_path, n=6, nested=False)
     with open(tmp_path / "list_attr_celeba.txt", "w") as f:

@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from skimage import color, data, transform
 
@@ -59,6 +60,7 @@ def test_augmented_images_are_drawn_per_slot_and_again_on_resume(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(whole[2:], resumed))
 
 
+@pytest.mark.slow
 def test_training_with_the_authors_augmentation_and_what_it_refuses(tmp_path):
     make_celeba(tmp_path / "data", n=12)
     args = SMALL + ["--data", str(tmp_path / "data"), "--steps", "2", "--augment", "authors"]

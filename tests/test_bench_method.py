@@ -88,6 +88,7 @@ def test_a_kernel_without_its_op_takes_the_group_its_eager_launch_gave():
     assert compiled["profile"]["groups"]["convolution"]["share"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow
 def test_profile_step_runs_at_tiny_sizes(tmp_path):
     """The script's main, as bench/run_gpu.sh's profile stage runs it, at tiny sizes: the compiled
     fastest step and the fair eager step with the reference losses (one thread: on a shared

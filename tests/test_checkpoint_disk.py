@@ -2,6 +2,7 @@
 previous file intact; a run stops at the next step with that one line."""
 import errno
 import io
+import json
 import os
 import re
 import shutil
@@ -149,3 +150,70 @@ def test_a_run_stops_at_the_step_after_a_full_disk_with_one_line_on_stderr(tmp_p
     assert len(step_starts) < 30
     assert checkpoint.load(str(out))["step"] == 0
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+
+
+@pytest.fixture
+def full_appends(monkeypatch):
+    """full_appends(prefix, room): appends to the files whose names start with `prefix` have `room` bytes of
+    space between them, from now on."""
+    def fill(prefix, room):
+        left = [room]
+
+        def open_for_append(path, mode="r", *args, **kwargs):
+            if mode == "ab" and os.path.basename(path).startswith(prefix):
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                filled = FilledFile(fd, left[0], errno.ENOSPC)
+                original_write = filled.write
+
+                def write(data):
+                    n = original_write(data)
+                    left[0] -= n
+                    return n
+                filled.write = write
+                return io.BufferedWriter(filled)
+            return open(path, mode, *args, **kwargs)
+        monkeypatch.setattr(checkpoint, "open", open_for_append, raising=False)
+    return fill
+
+
+def test_an_append_that_does_not_fit_is_one_error_and_leaves_the_file_as_it_was(tmp_path, full_appends):
+    path = tmp_path / "metrics.jsonl"
+    checkpoint.append_whole(str(path), b'{"step": 1}\n', "the metrics of step 1")
+    full_appends("metrics.jsonl", 5)  # room for part of the next line
+    with pytest.raises(checkpoint.DiskFullError) as raised:
+        checkpoint.append_whole(str(path), b'{"step": 2}\n', "the metrics of step 2")
+    message = str(raised.value)
+    assert message.startswith(f"{path}: no space left on the device for the metrics of step 2: ")
+    assert needed_and_free(message)[0] == 12 and "\n" not in message and raised.value.__suppress_context__
+    assert path.read_bytes() == b'{"step": 1}\n'  # the torn part is cut off: every line still reads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file", ["metrics.jsonl", "events.out.tfevents"])
+def test_a_run_stops_at_a_log_step_whose_records_do_not_fit_with_one_line_and_a_loadable_checkpoint(
+        tmp_path, full_appends, monkeypatch, capsys, file):
+    from vaegan import runlog
+    out = tmp_path / "run"
+    original_step = runlog.RunLog.step
+
+    def step(self, step, *args):
+        if step == 4:  # after step 3's checkpoint
+            full_appends(file, 0)
+        return original_step(self, step, *args)
+    monkeypatch.setattr(runlog.RunLog, "step", step)
+    status = train_command(SMALL + ["--width", "0.25", "--steps", "30", "--log-every", "1", "--sample-every", "100",
+                                    "--checkpoint-every", "3", "--device", "cpu", "--out", str(out)], prog="train.py")
+    stderr = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in stderr and "Exception" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and NEEDED_AND_FREE.search(errors[0]), stderr[-2000:]
+    what = "the metrics of step 4" if file == "metrics.jsonl" else "the TensorBoard events of step 4"
+    assert errors[0].startswith("train.py: error: ") and f": no space left on the device for {what}: " in errors[0]
+    assert file in errors[0]
+    assert checkpoint.load(str(out))["step"] == 3
+    with open(out / "metrics.jsonl") as f:  # a resume drops the lines after its checkpoint's step
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3] + ([] if file == "metrics.jsonl" else [4])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("kl")] == [1, 2, 3]

@@ -36,6 +36,7 @@ def vaegan_cli(*args):
     return subprocess.run([sys.executable, "-m", "vaegan", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_regressor_learns_an_attribute_that_is_easy_to_see(regressor):
     path, summary = regressor
     assert summary["num_held_out"] == 30 and summary["num_train"] == 270  # every 10th image held out
@@ -44,6 +45,7 @@ def test_regressor_learns_an_attribute_that_is_easy_to_see(regressor):
     assert "held-out accuracy" in format_regressor_summary(summary) and os.path.getsize(path) > 0
 
 
+@pytest.mark.slow
 def test_regressor_command_prints_held_out_accuracy_and_refuses_data_without_attributes(tmp_path, attribute_data):
     out = tmp_path / "r.pt"
     done = vaegan_cli("regressor", "--data", attribute_data / "faces", "--out", out, "--image-size", "32",
@@ -71,8 +73,9 @@ def conditional_runs(attribute_data):
     return runs
 
 
+@pytest.mark.slow
 def test_conditional_runs_train_save_and_generate_from_attributes(conditional_runs, attribute_data):
-    assert json.loads((conditional_runs["cvaegan"] / "config.json").read_text())["attributes"] == "Bright,Lucky"
+    assert json.loads((conditional_runs["cvaegan"] / "config.json").read_text())["run"]["attributes"] == "Bright,Lucky"
     assert (conditional_runs["cvaegan"] / "samples-0000003.png").stat().st_size > 0
     model = vaegan.load(str(conditional_runs["cvaegan"]))
     assert model.conditional and model.attribute_names == ["Bright", "Lucky"]
@@ -85,6 +88,7 @@ def test_conditional_runs_train_save_and_generate_from_attributes(conditional_ru
     assert pixel > 0 and feature > 0
 
 
+@pytest.mark.slow
 def test_table_1_scores_real_and_generated_images(conditional_runs, regressor, tmp_path):
     path, summary = regressor
     runs = [conditional_runs[k] for k in ("cvae", "cgan", "cvaegan")]
@@ -102,6 +106,7 @@ def test_table_1_scores_real_and_generated_images(conditional_runs, regressor, t
     assert saved["attributes"] == ["Bright", "Lucky"] and len(saved["rows"]) == 4
 
 
+@pytest.mark.slow
 def test_table_1_refuses_unconditional_runs_and_other_image_sizes(conditional_runs, regressor, attribute_data,
                                                                    tmp_path):
     path, _ = regressor
@@ -120,6 +125,7 @@ def test_table_1_refuses_unconditional_runs_and_other_image_sizes(conditional_ru
     assert done.returncode == 2 and "not an attribute regressor" in done.stderr
 
 
+@pytest.mark.slow
 def test_conditional_model_needs_attributes_in_the_data(tmp_path):
     done = run_train(GRAY + ["--model", "cgan", "--out", str(tmp_path / "run")])  # the built-in faces: none
     assert done.returncode == 2 and "--model cgan conditions on attributes" in done.stderr

@@ -172,6 +172,7 @@ def test_builtin_faces_with_dali_are_a_clear_error():
         DaliLoader(build_dataset("builtin:faces", "train", 32, 1), 4, 0, 1, 0, 0, 1)
 
 
+@pytest.mark.slow
 def test_training_with_the_dali_loader_on_cpu(tmp_path):
     make_celeba(tmp_path / "data", n=20)
     out = tmp_path / "run"
@@ -179,7 +180,7 @@ def test_training_with_the_dali_loader_on_cpu(tmp_path):
     done = run_train(args + ["--loader", "dali"])
     assert done.returncode == 0, done.stderr
     assert "loader dali (CPU operators)" in done.stderr and "augment authors" in done.stderr  # the default on real data
-    assert json.load(open(out / "config.json"))["augment"] == "authors"
+    assert json.load(open(out / "config.json"))["run"]["augment"] == "authors"
     done = run_train(SMALL + ["--steps", "1", "--loader", "dali", "--out", str(tmp_path / "faces")])
     assert done.returncode == 2 and "--loader dali: the built-in faces are held in memory" in done.stderr
 

@@ -69,6 +69,7 @@ def one(tmp_path_factory):
     return torch.load(out / "rank0.pt")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_replicas_stay_identical(tmp_path, one):
     start = initial_state()
     launch(2, small(4) + GLOBAL_BN, tmp_path / "two")
@@ -90,6 +91,7 @@ def test_two_processes_equal_one_process_and_replicas_stay_identical(tmp_path, o
         assert torch.equal(rank0[name], rank1[name]), name
 
 
+@pytest.mark.slow
 def test_fast_mode_on_two_processes_gives_the_eager_parameters(tmp_path):
     # The fast step (compiled forward and optimizer steps, channels-last, foreach optimizers, gradients
     # averaged in buckets during the backward) against the plain eager step with one all-reduce after it.
@@ -116,6 +118,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_equal_one_process(tmp_path, one):
     # Two torchrun launchers of one process each, joined by c10d rendezvous on this machine: what
     # `torchrun --nnodes=2 --rdzv_backend=c10d` does across two machines.

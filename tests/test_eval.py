@@ -101,6 +101,7 @@ def test_the_real_images_are_described_by_their_split_only_where_they_have_one(t
     assert text == f"the first 3 of 5 images of {tmp_path / 'heldout'}: no split" and "train" not in text
 
 
+@pytest.mark.slow
 def test_vaegan_eval_end_to_end_with_cached_real_statistics(tmp_path):
     out = tmp_path / "run"
     assert run_train(SMALL + ["--steps", "2", "--out", str(out)]).returncode == 0
@@ -141,6 +142,7 @@ def test_frechet_distance_matches_the_matrix_square_root_form():
     assert frechet_distance(m1, s1, m2, s2) == pytest.approx(direct, rel=1e-8)
 
 
+@pytest.mark.slow
 def test_compare_writes_the_figure_and_the_table_and_refuses_mixed_sizes(tmp_path):
     runs = []
     for model in ("vae", "gan", "vaegan"):

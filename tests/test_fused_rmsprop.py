@@ -133,7 +133,7 @@ def test_tensors_that_do_not_share_one_dense_layout_are_refused():
         masked_rmsprop_(param.double(), param.double(), param.double(), flag, 1.0)
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_a_compiled_masked_step_is_the_eager_one_and_a_new_rate_recompiles_nothing(backend):
     generator, seed = fresh_generator()
     eager_params = parameters(generator)

@@ -226,6 +226,7 @@ finally:
 """
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_traces_into_the_kernels():
     # Without the interpreter (which wraps kernels in a way the tracer cannot see through), and on
     # a CPU: the graph is traced whole, with no break, and holds the Triton kernels themselves.

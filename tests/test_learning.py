@@ -11,6 +11,7 @@ from conftest import ROOT
 pytest.importorskip("sklearn", reason="the experiment's digits ship in scikit-learn (pip install -e '.[learning]')")
 
 
+@pytest.mark.slow
 def test_learning_experiment_records_heldout_curves_scores_and_grids(tmp_path):
     out = tmp_path / "learning"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "learning.py"), "--out", str(out),

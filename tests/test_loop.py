@@ -292,7 +292,7 @@ class HostTraffic(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_the_steps_between_log_steps_read_nothing_from_the_device(tmp_path, monkeypatch, compiled):
     """Counts every call that copies a tensor's value to the host, per step, the data path's included.
     On a GPU the same loop runs under torch.cuda.set_sync_debug_mode("error") (tests below). The CPU's
@@ -549,6 +549,7 @@ trainer.train(TrainConfig(steps=40, log_every=2, checkpoint_every=2, checkpoint_
 """
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     import signal
     import subprocess
@@ -632,6 +633,7 @@ def test_grids_are_encoded_without_torch_operations():
     assert (canvas[2:10, 12:20] == want).all()  # the second image, in the first row
 
 
+@pytest.mark.slow
 def test_masked_steps_compiled_by_inductor_follow_the_host_rule():
     # inductor's generated code (C++ on a CPU) for the masked update, on gradients given to both;
     # the tensor learning rate is a float32 (1e-3 * (1 + 5e-8)): agreement to 1e-7, not bit for bit

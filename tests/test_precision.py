@@ -98,6 +98,7 @@ def test_batchnorm_statistics_of_bf16_activations_are_taken_in_fp32():
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
+@pytest.mark.slow
 def test_bf16_training_learns_what_fp32_training_learns(tmp_path, monkeypatch):
     """The paper's gamma (1e-6), real images (scikit-learn's digits, 359 held out), quarter-width
     networks at 32 px, 600 steps from the same seed in fp32 and in bf16 autocast (on the CPU here).

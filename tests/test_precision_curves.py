@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 TINY = "--width 0.25 --latent-size 16 --fc-width 64 --workers 0"
 
 
+@pytest.mark.slow
 def test_precision_curves_record_both_modes_heldout_errors_and_kid(tmp_path):
     out = tmp_path / "precision"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "precision_curves.py"), "--device", "cpu",

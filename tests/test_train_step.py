@@ -34,6 +34,7 @@ def reference_grads(model, x, z_prior, cfg, seed, attributes=None):
     return grads(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder_call", ["separate", "joint"])
 def test_compiled_step_with_inductor_gives_the_reference_gradients(decoder_call):
     # Real code generation (inductor's C++ backend on a CPU): the routed backward survives compilation.
@@ -327,7 +328,7 @@ def test_the_trainer_runs_eager_when_compiling_by_default_fails(tmp_path, monkey
     trainer.train(TrainConfig(out=str(tmp_path / "default"), **tiny))
     assert ("step eager, channels-last (default with CUDA, but compiling failed (RuntimeError: no C compiler on this "
             "machine") in capsys.readouterr().err
-    assert json.load(open(tmp_path / "default" / "config.json"))["compile"] is False
+    assert json.load(open(tmp_path / "default" / "config.json"))["machine"]["compile"] is False
     trainer.train(TrainConfig(out=str(tmp_path / "eager"), compile=False, **tiny))
     fell_back, eager = (checkpoint.load(str(tmp_path / name)) for name in ("default", "eager"))
     assert all(torch.equal(fell_back["model"][n], eager["model"][n]) for n in eager["model"])
@@ -375,15 +376,17 @@ def test_max_autotune_is_inductors_mode_with_or_without_cuda_graphs():
     assert step.mode.max_autotune and step.mode.compile_mode() == "max-autotune-no-cudagraphs"
 
 
+@pytest.mark.slow
 def test_train_with_the_step_levers_logs_them(tmp_path):
     done = run_train(SMALL + ["--steps", "2", "--log-every", "1", "--pad-channels", "--decoder-call", "joint",
                               "--out", str(tmp_path / "run")])
     assert done.returncode == 0, done.stderr
     assert "thin convolutions padded to multiples of 8 channels, the decoder's two passes in one call" in done.stderr
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["machine"]
     assert saved["pad_channels"] is True and saved["decoder_call"] == "joint"
 
 
+@pytest.mark.slow
 def test_train_with_fused_bn_relu_logs_the_fused_convolutions(tmp_path):
     # Triton's interpreter (conftest.py): narrow networks, one step; the joint decoder call keeps its own layers
     done = run_train(SMALL + ["--width", "0.125", "--steps", "1", "--log-every", "1", "--decoder-call", "joint",
@@ -391,7 +394,7 @@ def test_train_with_fused_bn_relu_logs_the_fused_convolutions(tmp_path):
     assert done.returncode == 0, done.stderr
     assert ("the decoder's two passes in one call, BatchNorm and ReLU fused into the convolutions encoder.body.3, "
             "discriminator.features.5 (Triton)") in done.stderr
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["fuse_bn_relu"] is True
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["machine"]["fuse_bn_relu"] is True
 
 
 def test_fuse_bn_relu_is_refused_where_it_cannot_run(monkeypatch):

@@ -94,6 +94,26 @@ def disk_full_message(path, write, what, directory):
             f"there; {previous}")
 
 
+def append_whole(path, data, what):
+    """Append the bytes `data` to `path`, whole or not at all: on a full disk the file is cut back to its
+    previous size (its earlier lines or records stay readable) and a DiskFullError names it (`what`
+    describes the bytes), the bytes needed and the bytes free."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "ab") as f:
+            f.write(data)
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise DiskFullError(f"{path}: no space left on the device for {what}: it needs {len(data):,} bytes, "
+                            f"{free:,} bytes are free there; the file keeps what it held before") from None
+
+
 def remove_stale_temporaries(directory):
     """Temporary files that a killed run left behind (the files they were replacing are intact)."""
     for name in os.listdir(directory):

@@ -166,8 +166,8 @@ def masked_step(optimizer, update):
     parameter and every state tensor is left exactly as it was (RMSprop's running average does not
     decay; Adam's step count does not advance). Decided on the device: no synchronisation. State the
     optimizer creates on its first step counts as zeros before it (as torch's optimizers start).
-    An optimizer that keeps state of its own in param_groups (apex's FusedAdam: an integer 'step')
-    cannot be masked so: refused with an error rather than silently advanced. An optimizer with a
+    An optimizer that keeps state of its own in param_groups (an integer 'step', for one) cannot be
+    masked so: refused with an error rather than silently advanced (options.APEX_REFUSED names one). An optimizer with a
     masked_step of its own (FusedMaskedRMSprop) takes the step itself, without the copies."""
     if hasattr(optimizer, "masked_step"):
         return optimizer.masked_step(update)

@@ -3,7 +3,8 @@
 `resolve(cfg, device, world_size, dataset)` is the one place a run's choices are made: the data's
 presets, the precision, the attributes a conditional model takes, the kernels, whether the step is
 compiled and captured in CUDA graphs, the memory format, the optimizers' implementation, the loader and
-the decoded-data cache. What it returns holds no `auto` (it is config.json).
+the decoded-data cache. What it returns holds no `auto`: config.json writes it, the run's facts apart
+from the machine's choices (config.MACHINE_CHOICES), which a resumed run makes again.
 `CHECKS` is the table of option combinations (and of options with the machine and the data) that
 cannot run; `check` applies it, before anything is built (the rows that need no machine) and again
 on the resolved values. A choice asked for by name that this machine or data cannot provide (CUDA,
@@ -16,13 +17,15 @@ from dataclasses import replace
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, default_workers, run_facts
 from .models import CONDITIONAL_KINDS, base_kind
 
-# Decided at a run's start and kept for its life: a resumed run takes them from its checkpoint. The
-# other `auto` values are decided again on each start, for the machine it runs on.
-RUN_DECISIONS = ("precision", "attributes")
+# The `auto` values decided at a run's start and kept for its life (they decide its results): a resumed
+# run takes them from its checkpoint. The machine's choices (config.MACHINE_CHOICES) are decided again
+# on each start, for the machine it runs on.
+RUN_DECISIONS = ("precision", "attributes", "kernels")
 
+# The one statement of why apex is refused (--help and optimizers.masked_step point here).
 APEX_REFUSED = ("--optimizer-impl apex is refused: NVIDIA apex's FusedAdam counts its steps in param_group['step'], "
                 "a host integer that a skipped step (every step here may be skipped, by the equilibrium rule or the "
                 "non-finite guard, decided on the device) cannot restore without waiting for the device, so skips "
@@ -137,13 +140,14 @@ def resolve_precision(device):
     return "fp32", "auto: no bf16 instructions on this CPU (bf16 would be emulated, slower than fp32)"
 
 
-def resolve_kernels(choice, device, gan_loss_form="logits"):
+def resolve_kernels(choice, device, gan_loss_form="logits", kept=False):
     """("torch" | "triton", how it was chosen). Before a run relies on the fused kernels they are
     checked against the references on `device` (kernels/selfcheck.py): --kernels auto falls back to
-    the references, saying why; --kernels triton that cannot run or disagrees is an error."""
+    the references, saying why; --kernels triton that cannot run or disagrees is an error. kept: the
+    choice is a resumed run's, from its checkpoint."""
     import kernels
     if choice == "torch":
-        return "torch", "requested"
+        return "torch", "kept from the run's start" if kept else "requested"
     if choice == "auto" and gan_loss_form == "eps":
         return "torch", "default for --gan-loss-form eps, which has no fused kernel"
     if choice == "auto" and device.type != "cuda":
@@ -153,9 +157,12 @@ def resolve_kernels(choice, device, gan_loss_form="logits"):
         from kernels.selfcheck import self_check
         reason = self_check(device)
     if choice == "triton":
+        if reason and kept:
+            raise ConfigError(f"the resumed run computes its losses with the Triton kernels, which cannot run here: "
+                              f"{reason}; pass --kernels torch to continue with the reference losses")
         if reason:
             raise ConfigError(f"--kernels triton: {reason}")
-        how = "interpreter" if device.type != "cuda" else "requested"
+        how = "kept from the run's start" if kept else "interpreter" if device.type != "cuda" else "requested"
         return "triton", f"{how}, checked against the references"
     if reason:
         return "torch", f"default, as {reason}"
@@ -226,6 +233,15 @@ def resolve_data_cache(choice, device, dataset, augment, loader):
                    f"{cache.HOST_SHARE:.0%} of the {host_text}"
 
 
+def resolve_workers(choice, in_memory):
+    """(DataLoader workers, why): the CPU cores this process may use for image files, none for data in memory."""
+    if choice is not None:
+        return choice, "requested"
+    if in_memory:
+        return 0, "default: the built-in faces are held in memory and batched in the main process"
+    return default_workers(), "default: the CPU cores this process may use, shared by the processes on the node"
+
+
 def resolve_compile(cfg, device_type, world_size):
     """(compile, cuda_graphs, why): --compile and --cuda-graphs as given, else on with CUDA; CUDA graphs
     not with --sync-bn across processes (their NCCL all-reduces cannot be captured)."""
@@ -257,12 +273,12 @@ def resolve_attributes(cfg, dataset):
     return ",".join(names), "requested" if cfg.attributes else "default: every attribute the data has"
 
 
-def resolve(cfg, device, world_size=1, dataset=None, resumed=False):
+def resolve(cfg, device, world_size=1, dataset=None, kept=()):
     """(cfg with every `auto` and data default decided, {option: why it has its value}).
 
     device: the torch.device the run uses (resolve_device's, with the process's index); dataset:
     the training data (its attribute names and whether it is held in memory), or None for a
-    benchmark's generated batches; resumed: the run continues a checkpoint (its precision is the start's)."""
+    benchmark's generated batches; kept: the names of RUN_DECISIONS a resumed run took from its checkpoint."""
     cfg = cfg.resolved()
     check(cfg)
     reasons = {"device": "requested" if cfg.device != "auto" else "auto: "
@@ -271,15 +287,19 @@ def resolve(cfg, device, world_size=1, dataset=None, resumed=False):
     if cfg.precision == "auto":
         values["precision"], reasons["precision"] = resolve_precision(device)
     else:
-        reasons["precision"] = "kept from the run's start" if resumed else "requested"
+        reasons["precision"] = "kept from the run's start" if "precision" in kept else "requested"
     values["attributes"], reasons["attributes"] = resolve_attributes(cfg, dataset)
-    values["kernels"], reasons["kernels"] = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form)
+    if "attributes" in kept and values["attributes"] is not None:
+        reasons["attributes"] = "kept from the run's start"
+    values["kernels"], reasons["kernels"] = resolve_kernels(cfg.kernels, device, cfg.gan_loss_form,
+                                                            "kernels" in kept)
     values["compile"], values["cuda_graphs"], reasons["compile"] = resolve_compile(cfg, device.type, world_size)
     values["memory_format"] = "channels-last" if cfg.memory_format == "auto" else cfg.memory_format
     reasons["memory_format"] = "default" if cfg.memory_format == "auto" else "requested"
+    in_memory = bool(dataset is not None and dataset.in_memory)
+    values["workers"], reasons["workers"] = resolve_workers(cfg.workers, in_memory)
     values["optimizer_impl"], reasons["optimizer_impl"] = resolve_optimizer_impl(cfg.optimizer_impl, cfg.optimizer,
                                                                                  device.type)
-    in_memory = bool(dataset is not None and dataset.in_memory)
     check(cfg, Machine(device.type, world_size, in_memory))  # before the loader's choice: --augment authors on faces
     if values["optimizer_impl"] == "fused" and cfg.optimizer == "rmsprop":
         from kernels.selfcheck import rmsprop_self_check
@@ -299,7 +319,7 @@ def resolve(cfg, device, world_size=1, dataset=None, resumed=False):
     return resolved, reasons
 
 
-def kept_for_resume(requested, resolved):
-    """What the checkpoint keeps: the options as given, with the run's own decisions (RUN_DECISIONS)
-    filled in; the machine's choices stay `auto`, to be made again where the run resumes."""
-    return replace(requested.resolved(), **{name: getattr(resolved, name) for name in RUN_DECISIONS})
+def kept_for_resume(resolved):
+    """What the checkpoint keeps: the run's facts (its own decisions, RUN_DECISIONS, included); none of the
+    machine's choices, which are made again where the run resumes."""
+    return run_facts(resolved)

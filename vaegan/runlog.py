@@ -1,15 +1,20 @@
 """What a run tells its user: the start lines, metrics.jsonl, TensorBoard and the progress bar.
 
-Only the main process writes; the others keep quiet.
+Only the main process writes; the others keep quiet. metrics.jsonl and the TensorBoard events are
+appended in the loop's thread, one whole line or record set per log step: a full disk stops the run
+there with one line naming the file, and leaves the file and the last checkpoint readable.
 """
+import io
 import json
 import os
+import socket
 import sys
 import time
 
 from tqdm import tqdm
 
 from . import checkpoint
+from .config import MACHINE_CHOICES
 from .gradients import STEP_STATS
 from .schedule import learning_rate
 
@@ -25,6 +30,37 @@ def trim_metrics(path, last_step):
     checkpoint.atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
+class ScalarEvents:
+    """A TensorBoard event file of the run's scalars (what SummaryWriter writes, without its writer thread,
+    whose failures would surface as a traceback from that thread)."""
+
+    def __init__(self, directory, purge_step):
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        self.Event, self.Summary = Event, Summary
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                                            f"{os.getpid()}.0")
+        start = [Event(wall_time=time.time(), file_version="brain.Event:2")]
+        if purge_step:  # TensorBoard hides the events of this step and later from an earlier start
+            start += [Event(wall_time=time.time(), step=purge_step, file_version="brain.Event:2"),
+                      Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START))]
+        self.append(start, "the start of the TensorBoard events")
+
+    def add(self, step, scalars):
+        summary = self.Summary(value=[self.Summary.Value(tag=name, simple_value=float(value))
+                                      for name, value in scalars.items()])
+        self.append([self.Event(wall_time=time.time(), step=step, summary=summary)],
+                    f"the TensorBoard events of step {step}")
+
+    def append(self, events, what):
+        from tensorboard.summary.writer.record_writer import RecordWriter
+        records = io.BytesIO()
+        for event in events:
+            RecordWriter(records).write(event.SerializeToString())
+        checkpoint.append_whole(self.path, records.getvalue(), what)
+
+
 class RunLog:
     def __init__(self, cfg, is_main, start_step, world_size):
         self.cfg, self.is_main, self.global_batch = cfg, is_main, cfg.batch_size * world_size
@@ -32,8 +68,8 @@ class RunLog:
         self.tensorboard = None
         if is_main:
             trim_metrics(self.metrics_path, start_step)
-            from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(os.path.join(cfg.out, "tensorboard"), purge_step=start_step + 1)
+            self.tensorboard = ScalarEvents(os.path.join(cfg.out, "tensorboard"),
+                                            start_step + 1 if start_step else None)
         self.progress = tqdm(total=cfg.steps, initial=start_step, unit="step", disable=not is_main,
                              dynamic_ncols=True, file=sys.stderr)
         self.since = (time.perf_counter(), start_step)
@@ -73,6 +109,13 @@ class RunLog:
                   f"{f', {lr:.3g} at step {run.start_step}' if lr != cfg.lr else ''}), gamma {cfg.gamma:g}, decoder GAN "
                   f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}; every value used is "
                   "in config.json")
+        if run.resumed:
+            def shown(value):
+                return ("on" if value else "off") if isinstance(value, bool) else value
+            chosen = [f"{name.replace('_', ' ')} {shown(getattr(cfg, name))} ({why[name]})"
+                      for name in MACHINE_CHOICES if name in why and name != "loader"]  # the loader: on the line above
+            self.line("vaegan: resumed with the run's facts from its checkpoint; this machine's choices, made again: "
+                      + ", ".join(chosen))
         self.line(f"vaegan: {'resuming at' if run.resumed else 'starting at'} step {run.start_step} of {cfg.steps}; "
                   f"run directory {cfg.out}")
         self.since = (time.perf_counter(), run.start_step)
@@ -89,16 +132,12 @@ class RunLog:
                   "lr": learning_rate(cfg.lr_schedule, cfg.lr, step - 1, cfg.lr_schedule_steps),
                   "img_per_s": img_per_s, "unreadable_images": unreadable}
         if self.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            for name, value in record.items():
-                if name != "step":
-                    self.tensorboard.add_scalar(name, float(value), step)
+            checkpoint.append_whole(self.metrics_path, (json.dumps(record) + "\n").encode(),
+                                    f"the metrics of step {step}")
+            self.tensorboard.add(step, {name: value for name, value in record.items() if name != "step"})
             shown = {n: f"{losses[n]:.3g}" for n in SHOWN_ON_THE_BAR if n in losses}
             self.progress.set_postfix({**shown, "img/s": f"{img_per_s:.0f}"})
         self.since = (time.perf_counter(), step)
 
     def close(self):
         self.progress.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()

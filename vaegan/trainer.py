@@ -6,12 +6,12 @@ reports is vaegan/runlog.py, and when it saves is checkpoint.CheckpointSchedule.
 import contextlib
 import os
 import signal
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from . import checkpoint, distributed, options
-from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
+from .config import FIXED, MACHINE_CHOICES, RESUMABLE_OVERRIDES, ConfigError, TrainConfig, config_json, resume_kind
 from .data import DataError, StepBatchSampler, build_dataset, make_loader
 from .data.cache import CachedLoader, DecodedCache
 from .data.dali import DaliLoader
@@ -94,23 +94,28 @@ def open_loader(cfg, dataset, ctx, device, start_step, reason, may_fall_back):
 
 
 def merge_resumed_config(cfg, saved):
-    """The saved run's configuration, with the options that may change taken from `cfg`."""
-    values = dict(saved)
+    """The saved run's facts, with the options that may change taken from `cfg`, and the machine's
+    choices as `cfg` gives them (`auto` unless given), to be made again on this machine."""
+    values = {name: value for name, value in saved.items() if name not in MACHINE_CHOICES}
     values.setdefault("lr_schedule", "constant")  # runs from before the schedule trained at a constant rate
     values.setdefault("lr_schedule_steps", saved.get("steps"))  # a run from before the option spans its --steps
     values.setdefault("augment", "flip")  # runs from before --augment flipped and did nothing else
-    for name in getattr(cfg, "explicit", ()):
-        if name in RESUMABLE_OVERRIDES:
+    explicit = getattr(cfg, "explicit", ())
+    for name in explicit:
+        if resume_kind(name) != FIXED:
             values[name] = getattr(cfg, name)
         elif name in values and getattr(cfg, name) != values[name]:
             raise ConfigError(f"--{name.replace('_', '-')} cannot change when resuming "
                               f"(the run used {values[name]!r}); only "
                               f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE_OVERRIDES)} may")
-    if "out" not in getattr(cfg, "explicit", ()):
+    values.update({name: getattr(cfg, name) for name in MACHINE_CHOICES})
+    if "out" not in explicit:
         values["out"] = cfg.resume
     values["resume"] = cfg.resume
     defaults = TrainConfig()
-    return TrainConfig(**{f.name: values.get(f.name, getattr(defaults, f.name)) for f in fields(TrainConfig)})
+    merged = TrainConfig(**{f.name: values.get(f.name, getattr(defaults, f.name)) for f in fields(TrainConfig)})
+    merged.kept = {name for name in options.RUN_DECISIONS if name in saved and name not in explicit}
+    return merged
 
 
 class StopRequest:
@@ -144,7 +149,7 @@ class RunResult:
 class Run:
     """Everything a run uses, each choice with the reason for it (`reasons`, by option name)."""
     cfg: TrainConfig          # every value used, no `auto` left: config.json
-    kept: TrainConfig         # what the checkpoint keeps (options.kept_for_resume)
+    kept: dict                # what the checkpoint keeps: the run's facts (options.kept_for_resume)
     reasons: dict
     ctx: distributed.Context
     device: torch.device
@@ -187,7 +192,7 @@ class Run:
         distributed.check_replicas(self.model, self.ctx)
         if not self.ctx.is_main:
             return
-        state = checkpoint.snapshot({"step": step, "config": asdict(self.kept), "model": self.model.state_dict(),
+        state = checkpoint.snapshot({"step": step, "config": self.kept, "model": self.model.state_dict(),
                                      "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                                      "skips": self.skips, "unreadable": sorted(self.unreadable),
                                      "torch_rng": torch.get_rng_state()})
@@ -216,7 +221,8 @@ def train(cfg):
 
 def setup(cfg, ctx, device, saved):
     """Resolve the options, build the data, the model, its optimizers, the step and the loader,
-    restore a checkpoint, and write config.json (the values used) in the run directory."""
+    restore a checkpoint, and write config.json (the run's facts and this machine's choices, with the
+    reasons) in the run directory."""
     if device.type == "cuda" and ctx.distributed:
         device = torch.device("cuda", ctx.local_rank)
     elif device.type == "cuda" and device.index is None:  # DALI and the kernels' check need the index
@@ -224,7 +230,7 @@ def setup(cfg, ctx, device, saved):
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(cfg.data, "train", cfg.image_size, cfg.channels)
     requested = cfg
-    cfg, reasons = options.resolve(cfg, device, ctx.world_size, dataset, resumed=saved is not None)
+    cfg, reasons = options.resolve(cfg, device, ctx.world_size, dataset, kept=getattr(cfg, "kept", ()))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune each convolution once
     columns = [dataset.attribute_names.index(n) for n in cfg.attributes.split(",")] if cfg.attributes else None
@@ -262,9 +268,9 @@ def setup(cfg, ctx, device, saved):
     if ctx.is_main:
         os.makedirs(cfg.out, exist_ok=True)
         checkpoint.remove_stale_temporaries(cfg.out)
-        checkpoint.write_json(os.path.join(cfg.out, "config.json"), asdict(cfg))
+        checkpoint.write_json(os.path.join(cfg.out, "config.json"), config_json(cfg, reasons))
     tally = StepTally(device, STEP_STATS + (("stop",) if ctx.distributed else ()), skips)
-    return Run(cfg, options.kept_for_resume(requested, cfg), reasons, ctx, device, dataset, model, optimizers,
+    return Run(cfg, options.kept_for_resume(cfg), reasons, ctx, device, dataset, model, optimizers,
                train_step, loader, sampler.steps_per_epoch, start_step, saved is not None, skips, unreadable, stop,
                tally)
 
