@@ -99,6 +99,7 @@ class OverlappedGradientReducer:
                 self.bucket_of[p], self.offsets[p] = i, offset
                 offset += p.numel()
         self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        self.active = True
         self.reset()
 
     def reset(self):
@@ -112,6 +113,8 @@ class OverlappedGradientReducer:
             self.launched += 1
 
     def _ready(self, p):
+        if not self.active:  # the compile trial: no collectives
+            return
         i, offset = self.bucket_of[p], self.offsets[p]
         self.flat[i][offset:offset + p.numel()].copy_(p.grad.reshape(-1))
         self.pending[i] -= 1
