@@ -28,7 +28,7 @@ from kernels import philox
 
 from .decisions import GUARDED_STATS, step_decisions
 from .gradients import routed_losses
-from .optimizers import create_state, masked_step, masked_update
+from .optimizers import create_state, mark_state_static, masked_step, masked_update
 
 
 @dataclass
@@ -135,6 +135,8 @@ class TrainStep:
         images = torch.rand((batch, *image_shape), generator=generator) * 2 - 1
         attributes = torch.zeros(batch, attribute_count)
         every = {name: torch.ones((), dtype=torch.bool, device=self.device) for name in self.optimizers}
+        for opt in self.optimizers.values():
+            mark_state_static(opt)  # a resumed run's state, loaded
         reduce, self.reduce = self.reduce, None
         reducer = getattr(reduce, "reducer", None)
         if reducer is not None:
