@@ -473,9 +473,9 @@ def test_each_masked_step_is_one_graph_and_bit_identical_to_the_reference(kind, 
     start = parameters()
     assert not torch.equal(runs["masked"][0][0], start[0])  # it trained
     # compiled and eager differ only by torch's compiled optimizers' arithmetic (a float32 step count in Adam's
-    # bias correction): by rounding in float32 parameters
+    # bias correction, 7e-6 of the movement here in float64) and by rounding in float32 parameters
     for p, q, p0 in zip(runs["masked"][0], runs["compiled"][0], start):
-        assert (p - q).norm() <= (1e-3 if dtype == torch.float32 else 1e-6) * (p - p0).norm()
+        assert (p - q).norm() <= (1e-3 if dtype == torch.float32 else 3e-5) * (p - p0).norm()
     # one graph for the optimizer and one for its resumed copy, whatever the updates were
     assert len(compiled_graphs) == 2
 
