@@ -183,6 +183,12 @@ class StepAverage:
         stats["stop"] = torch.full((), requested, device=next(self.model.parameters()).device)
         return average_step(self.model, stats, self.ctx, self.reducer)
 
+    def local(self, stats):
+        """What __call__ returns, in the same form, without collectives (the compile trial: processes compile on
+        their own); the gradients stay this process's."""
+        stats["stop"] = torch.zeros((), device=next(self.model.parameters()).device)
+        return average_step(self.model, stats, Context())
+
 
 def any_rank(flag, ctx, device):
     """The same decision on every rank: any rank's True (one small all-reduce)."""

@@ -121,9 +121,9 @@ class TrainStep:
         random images twice (CUDA-graph trees record on their second call), each time with every optimizer
         then stepping as the run steps it (masked on a GPU, plainly on a CPU); then put the parameters, the
         BatchNorm statistics and the optimizers' state back exactly as they were (state the trial created
-        is zeroed, which is how torch's optimizers start). The multi-process hook is off meanwhile, so that
-        processes compile without collectives (but those of a --sync-bn forward: a process whose compiling
-        fails runs the rest of the trial eager, keeping pace with the others).
+        is zeroed, which is how torch's optimizers start). The multi-process hook runs without collectives
+        meanwhile (StepAverage.local), so that processes compile on their own (but for the collectives of a
+        --sync-bn forward: a process whose compiling fails runs the rest of the trial eager, keeping pace).
 
         Returns None, or why compiling failed: the step is then eager. self.graphs_per_step: how many
         graphs dynamo compiled for one step (the backward runs with its forward's)."""
@@ -137,7 +137,8 @@ class TrainStep:
         every = {name: torch.ones((), dtype=torch.bool, device=self.device) for name in self.optimizers}
         for opt in self.optimizers.values():
             mark_state_static(opt)  # a resumed run's state, loaded
-        reduce, self.reduce = self.reduce, None
+        reduce = self.reduce
+        self.reduce = getattr(reduce, "local", None)  # the stats in the form the run's step gets them
         reducer = getattr(reduce, "reducer", None)
         if reducer is not None:
             reducer.active = False
