@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # What a lent GPU should run, in stages that each fit one command of the device tool (10 minutes):
 #
-#   bash bench/run_gpu.sh quick                    # one call under 10 minutes, first in a short session: preflight,
-#                                                  # kerneltests, step64 (fair, fastest), profile at 64, levers64
+#   bash bench/run_gpu.sh quick                    # one call under 10 minutes with cold caches, first in a short
+#                                                  # session: preflight, syncdebug, the user's loop against the bare
+#                                                  # step at 64 and 512, step64 (fair, fastest), DALI if installed;
+#                                                  # each part's budget in a printed plan (QUICK_PLAN)
+#   DRY_RUN=1 bash bench/run_gpu.sh quick          # the plan and each stage's files, nothing run (on any machine)
 #   bash bench/run_gpu.sh preflight tests          # one call (kerneltests: the kernels' tests alone)
 #   bash bench/run_gpu.sh kernels loaders          # the next
 #   bash bench/run_gpu.sh step64                   # then step256, step512 (a compile with CUDA graphs each):
@@ -46,11 +49,18 @@ header() {  # $1: the stage
   echo
 }
 
+grace=${KILL_GRACE:-20}  # seconds between a stage's interrupt and its kill
+
 run_stage() {  # $1: the stage; the rest: the command
   local stage=$1; shift
   local file="$out/gpu-$stamp-$device-$stage"
   echo "== $stage -> $file.txt"
-  { header "$stage"; timeout -s INT -k 20 "$limit" bash -c '"$@"' _ "$@" 2>&1; local rc=$?
+  if [ -n "${DRY_RUN:-}" ]; then  # the files a stage starts with, and what it would run
+    { header "$stage"; echo "dry run: would run for at most $limit s (+$grace s to stop): $*"
+      [ "$1" = bench ] && "$@"; } >"$file.txt"
+    return
+  fi
+  { header "$stage"; timeout -s INT -k "$grace" "$limit" bash -c '"$@"' _ "$@" 2>&1; local rc=$?
     [ $rc -eq 124 ] || [ $rc -eq 130 ] && echo "TIMED OUT after $limit s"; echo "exit status: $rc"; } | tr '\r' '\n' | tee "$file.txt" | tail -15
 }
 
@@ -103,9 +113,15 @@ tests() {  # correctness of the fast paths on the GPU: compiled kernels (bf16 to
 bench() {  # $1: stage name (for the json), the rest: pytest arguments; each row also goes to STAGE-rows.jsonl
   # as it is measured (pytest-benchmark's json is written at the end: a stopped stage keeps the rows file)
   local stage=$1; shift
-  : >"$out/gpu-$stamp-$device-$stage-rows.jsonl"  # this run's rows only
+  : >"$out/gpu-$stamp-$device-$stage-rows.jsonl"  # this run's rows only, there before the first is measured
+  [ -n "${DRY_RUN:-}" ] && { echo "dry run: rows file $out/gpu-$stamp-$device-$stage-rows.jsonl"; return 0; }
   VAEGAN_BENCH_ROWS="$out/gpu-$stamp-$device-$stage-rows.jsonl" python3 -m pytest -q -p no:logging -p no:cacheprovider "$@" \
     --benchmark-json="$out/gpu-$stamp-$device-$stage.json" --benchmark-columns=median,rounds,iterations
+}
+
+syncdebug() {  # the data path and the step under torch.cuda.set_sync_debug_mode("error"), through files on disk
+  [ -f tests/test_gpu_sync.py ] || { echo "tests/test_gpu_sync.py is missing"; return 1; }
+  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sync.py
 }
 
 train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs: the user's command, its defaults
@@ -131,22 +147,45 @@ precision() {  # the fast path learns what the reference path learns: the same s
     --json "$out/gpu-$stamp-$device-precision.json" --md "$out/gpu-$stamp-$device-precision.md"
 }
 
-export -f preflight kerneltests tests bench train precision
-export out stamp device cores limit
+export -f preflight syncdebug kerneltests tests bench train precision
+export out stamp device cores limit grace
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && { sed -n 2,25p "$0"; exit 2; }
 [ "${stages[0]}" = all ] && stages=(preflight tests kernels loaders step64 step256 step512 levers64 autotune64 levers512 autotune512 profile train precision loop loop512)
 for stage in "${stages[@]}"; do
   case $stage in
-    quick)  # one device call of under 10 minutes: what a short GPU session runs first. Each part keeps what it
-      # measured if its limit stops it (rows files, the profile rewritten per variant); the levers last, the likeliest
-      # gains first (each is a fresh compile of about a minute)
-      limit=40 run_stage preflight preflight
-      limit=90 run_stage kerneltests kerneltests
-      VAEGAN_BENCH_BATCHES=64 limit=130 run_stage step64 bench step64 bench/test_step.py -k "fair or fastest"
-      limit=120 run_stage profile python3 bench/profile_step.py --batches 64 --out "$out" --prefix "gpu-$stamp-$device-profile"
-      VAEGAN_BENCH_BATCHES=64 VAEGAN_BENCH_LEVERS=decoder-joint,fused-rmsprop,fuse-bn-relu,pad-channels limit=130 \
-        run_stage levers64 bench levers64 bench/test_levers.py ;;
+    quick)  # one device call of 600 s with cold caches: each part's budget is planned (QUICK_PLAN, in order; its
+      # limits, kill graces and start-ups must fit QUICK_SECONDS, or nothing runs) and printed first; a part its
+      # limit stops keeps what it measured (the rows files are there before the first row, a row written as measured)
+      plan=(${QUICK_PLAN:-preflight:40 syncdebug:60 loop64:120 loop512:120 step64:90 dali:40})
+      grace=${KILL_GRACE:-10}
+      dali=$(python3 -c "import nvidia.dali" 2>/dev/null && echo installed || echo "not installed")
+      total=0
+      echo "quick: the plan (seconds: limit + $grace to stop + 5 to start each; DALI $dali)"
+      for part in "${plan[@]}"; do
+        name=${part%%:*} seconds=${part##*:}
+        [ "$name" = dali ] && [ "$dali" != installed ] && { echo "  $name: skipped (DALI not installed)"; continue; }
+        total=$((total + seconds + grace + 5))
+        echo "  $name: $seconds s (by $total s)"
+      done
+      echo "quick: $total s of ${QUICK_SECONDS:-580} s"
+      [ "$total" -le "${QUICK_SECONDS:-580}" ] || { echo "quick: the plan does not fit ${QUICK_SECONDS:-580} s"; exit 2; }
+      for part in "${plan[@]}"; do
+        name=${part%%:*} seconds=${part##*:}
+        case $name in
+          preflight) limit=$seconds run_stage preflight preflight ;;
+          syncdebug) limit=$seconds run_stage syncdebug syncdebug ;;
+          loop64|loop512)  # the user's command: the default loader and cache, against the bare step, fewer steps
+            VAEGAN_BENCH_LOOP_BATCH=${name#loop} VAEGAN_BENCH_LOOP_STEPS=${QUICK_LOOP_STEPS:-200} limit=$seconds \
+              run_stage "quick-$name" bench "quick-$name" bench/test_loop.py -s -k default ;;
+          step64) VAEGAN_BENCH_BATCHES=64 limit=$seconds run_stage quick-step64 bench quick-step64 bench/test_step.py \
+              -k "fair or fastest" ;;
+          dali) [ "$dali" = installed ] && VAEGAN_BENCH_LOOP_STEPS=${QUICK_LOOP_STEPS:-200} limit=$seconds \
+              run_stage quick-dali bench quick-dali bench/test_loop.py -s -k dali ;;
+          *) echo "quick: unknown part $name"; exit 2 ;;
+        esac
+      done ;;
+    syncdebug) run_stage syncdebug syncdebug ;;
     preflight) run_stage preflight preflight ;;
     tests) run_stage tests tests ;;
     kerneltests) run_stage kerneltests kerneltests ;;
@@ -163,6 +202,6 @@ for stage in "${stages[@]}"; do
     precision) run_stage precision precision ;;
     loop) run_stage loop bench loop bench/test_loop.py -s ;;
     loop512) VAEGAN_BENCH_LOOP_BATCH=512 run_stage loop512 bench loop512 bench/test_loop.py -s -k cache ;;
-    *) echo "unknown stage $stage (preflight kerneltests tests kernels loaders step64 step256 step512 levers64 levers512 autotune64 autotune512 profile train precision loop loop512 quick all)"; exit 2 ;;
+    *) echo "unknown stage $stage (preflight syncdebug kerneltests tests kernels loaders step64 step256 step512 levers64 levers512 autotune64 autotune512 profile train precision loop loop512 quick all)"; exit 2 ;;
   esac
 done

@@ -36,10 +36,11 @@ LOG_EVERY = 10
 if CUDA:  # the default command's settings (trainer defaults) on generated CelebA-like JPEGs
     WORKERS = min(16, os.cpu_count() or 1)
     WARMUP_LOGS = math.ceil((WORKERS * PREFETCH_PER_WORKER + 50) / LOG_EVERY)  # past compiling and the queue
-    STEPS = WARMUP_LOGS * LOG_EVERY + 400
-    # VAEGAN_BENCH_LOOP_BATCH=512: the 25,000 img/s goal in the loop (bench/run_gpu.sh loop512)
+    STEPS = WARMUP_LOGS * LOG_EVERY + int(os.environ.get("VAEGAN_BENCH_LOOP_STEPS", 400))  # measured after warm-up
+    # VAEGAN_BENCH_LOOP_BATCH=512: the 25,000 img/s goal in the loop (bench/run_gpu.sh loop512)
     SETTINGS = dict(workers=WORKERS, batch_size=int(os.environ.get("VAEGAN_BENCH_LOOP_BATCH", 64)))
-    LOADERS = {"cache": dict(data_cache="gpu"), "pil": dict(loader="pil", data_cache="none"),
+    # default: what train.py chooses with no option given (bench/run_gpu.sh quick)
+    LOADERS = {"default": {}, "cache": dict(data_cache="gpu"), "pil": dict(loader="pil", data_cache="none"),
                "dali": dict(loader="dali", data_cache="none")}
 else:  # small enough that what the loop adds would show (the built-in faces: one loader)
     STEPS, WARMUP_LOGS = 130, 2
@@ -103,8 +104,10 @@ def test_loop_against_the_bare_step(benchmark, tmp_path, loader):
     cfg = resolved(loop_config(tmp_path, loader))
     torch._dynamo.reset()
     before = step_img_per_s(cfg, STEPS - WARMUP_LOGS * cfg.log_every)
+    record(f"{loader}-{cfg.batch_size}-step-before", {"step_img_per_s_before": before})  # kept if the loop is stopped
     torch._dynamo.reset()
     loop = benchmark.pedantic(lambda: loop_img_per_s(tmp_path, loader), rounds=1, iterations=1)
+    record(f"{loader}-{cfg.batch_size}-loop", {"loop_img_per_s": loop})
     torch._dynamo.reset()
     after = step_img_per_s(cfg, STEPS - WARMUP_LOGS * cfg.log_every)
     bare = (before + after) / 2

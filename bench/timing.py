@@ -1,8 +1,7 @@
-"""Timing helpers the benchmarks share: synchronise, steps timed between two events, the median
-of synchronised calls, the device's datasheet peak and the peak a matrix product reaches."""
+"""Timing helpers the benchmarks share: synchronise, steps (or kernel calls) timed between two events, the
+device's datasheet peak and the peak a matrix product reaches."""
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -74,21 +73,6 @@ def event_seconds(fn, steps, warmup=0):
         fn()
     sync()
     return StepClock(fn, steps).run()
-
-
-def median_seconds(fn, repeats, warmup):
-    """Median wall time of `repeats` calls of fn, each synchronised, after `warmup` calls: the
-    latency of one call with its host overhead (the kernel micro-benchmarks), not a throughput."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def device_peak(peaks):

@@ -2,6 +2,7 @@
 groups and a smoke run of bench/profile_step.py at tiny sizes."""
 import json
 import os
+import re
 import sys
 import time
 
@@ -117,3 +118,34 @@ def test_profile_step_runs_at_tiny_sizes(tmp_path):
     assert not list(tmp_path.glob("*.part"))
     stopped = dict(report, planned=[*report["planned"], "fair+triton"])  # as a run stopped before its last variant
     assert "Incomplete: not measured (the run stopped first): fair+triton." in profile_step.markdown(stopped)
+
+
+@pytest.mark.slow
+def test_the_quick_gpu_call_plans_its_parts_within_one_call_and_each_writes_its_files_first(tmp_path):
+    """`DRY_RUN=1 bash bench/run_gpu.sh quick` on a CPU: the printed plan (in the issue's order, every part's
+    budget, the total within one 600 s device call), each part's text file, and the benchmarks' rows files there
+    before any row is measured (a part stopped by its limit keeps what it has)."""
+    import subprocess
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path))
+    done = subprocess.run(["bash", "bench/run_gpu.sh", "quick"], capture_output=True, text=True, timeout=600,
+                          cwd=os.path.dirname(BENCH), env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    planned = re.findall(r"^  (\w+): (\d+) s \(by (\d+) s\)$", done.stdout, re.M)
+    names = [name for name, _, _ in planned]
+    dali = "DALI installed" in done.stdout
+    assert names == ["preflight", "syncdebug", "loop64", "loop512", "step64"] + (["dali"] if dali else [])
+    total = int(re.search(r"^quick: (\d+) s of (\d+) s$", done.stdout, re.M).group(1))
+    assert total == int(planned[-1][2]) <= 580 and total >= sum(int(seconds) for _, seconds, _ in planned)
+    stages = ["preflight", "syncdebug", "quick-loop64", "quick-loop512", "quick-step64"] + (["quick-dali"] if dali else [])
+    assert re.findall(r"^== ([\w-]+) -> ", done.stdout, re.M) == stages
+    for stage in stages:
+        text = next(tmp_path.glob(f"gpu-*-{stage}.txt")).read_text()
+        assert f"stage: {stage}" in text and "dry run: would run for at most" in text
+        rows = list(tmp_path.glob(f"gpu-*-{stage}-rows.jsonl"))
+        if stage.startswith("quick-"):  # a benchmark: its rows file exists, empty, before anything is measured
+            assert len(rows) == 1 and rows[0].read_text() == ""
+    assert "bench/test_loop.py -s -k default" in next(tmp_path.glob("gpu-*-quick-loop512.txt")).read_text()
+    # a plan that does not fit one call is refused before anything runs
+    tight = subprocess.run(["bash", "bench/run_gpu.sh", "quick"], capture_output=True, text=True, timeout=600,
+                           cwd=os.path.dirname(BENCH), env=dict(env, OUT=str(tmp_path / "tight"), QUICK_SECONDS="300"))
+    assert tight.returncode == 2 and "the plan does not fit 300 s" in tight.stdout and "==" not in tight.stdout

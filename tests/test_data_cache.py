@@ -173,3 +173,46 @@ def test_the_main_process_branch_of_the_pil_loader_gives_the_workers_batches(cel
     assert_same_batches(batches(main), in_workers)
     rows = [[index for index, _, _ in batch] for batch in sampler()]
     assert all(torch.equal(attributes, dataset.attributes[r]) for (_, attributes, _), r in zip(in_workers, rows))
+
+
+class RecordingCudart:
+    """torch.cuda.cudart() with its host registration recorded instead of done (no GPU here)."""
+
+    def __init__(self, error=0):
+        self.registered, self.unregistered, self.error = [], [], error
+
+    def cudaHostRegister(self, pointer, size, flags):
+        self.registered.append((pointer, size, flags))
+        return self.error
+
+    def cudaHostUnregister(self, pointer):
+        self.unregistered.append(pointer)
+        return 0
+
+
+def test_the_host_cache_for_a_gpu_pins_exactly_its_images_in_one_registration(celeba, monkeypatch):
+    # the caching host allocator (pin_memory=True) would round 21.3 GB up to 34.4 GB: one plain allocation,
+    # registered with CUDA, takes the images' bytes, and nothing goes through pin_memory
+    import gc
+    cudart = RecordingCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        assert not kwargs.get("pin_memory"), "pinned through the caching host allocator"
+        return real_empty(*args, **kwargs)
+    monkeypatch.setattr(torch, "empty", empty)
+    dataset = build_dataset(celeba, "train", 32, 3)
+    decoded = DecodedCache.decode(dataset, "host", torch.device("cuda", 1), progress=False)
+    images = decoded.images
+    assert cudart.registered == [(images.data_ptr(), images.numel() * images.element_size(), 0)]
+    assert images.numel() == len(dataset) * dataset.decoded_shape()[0] * dataset.decoded_shape()[1] * 3
+    pointer = images.data_ptr()
+    del decoded, images
+    gc.collect()
+    assert cudart.unregistered == [pointer]  # freed: unregistered (torch's CPU allocator frees it next)
+    with pytest.raises(cache.DataError, match=r"cannot pin 0\.\d+ GB .*cudaHostRegister: error 2"):
+        monkeypatch.setattr(torch.cuda, "cudart", lambda: RecordingCudart(error=2))
+        DecodedCache.decode(dataset, "host", torch.device("cuda", 1), progress=False)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: pytest.fail("a CPU run pins nothing"))
+    DecodedCache.decode(dataset, "host", torch.device("cpu"), progress=False)

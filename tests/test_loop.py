@@ -447,7 +447,15 @@ def train_with_sync_errors(monkeypatch, cfg):
         torch.cuda.set_sync_debug_mode("error" if current["step"] % 5 not in (0, 4) and current["step"] > 4 else 0)
         return original(self, *args, **kwargs)
 
+    original_trial = TrainStep.compile_now
+
+    def compile_now(self, *args, **kwargs):  # the compile trial before the first step: not a step
+        failure = original_trial(self, *args, **kwargs)
+        current["step"] = -1
+        return failure
+
     monkeypatch.setattr(TrainStep, "gradients", gradients)
+    monkeypatch.setattr(TrainStep, "compile_now", compile_now)
     try:
         trainer.train(cfg)
     finally:

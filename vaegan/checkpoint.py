@@ -169,16 +169,21 @@ class Writer:
     previous job is still running (then it waits for it: at most one in flight). A job's error is
     raised by the next check(), submit() or wait()."""
 
-    def __init__(self):
+    def __init__(self, device=None):
         from concurrent.futures import ThreadPoolExecutor
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaegan-writer")
         self.pending = None
+        self.device = torch.device(device) if device is not None else None
 
     def submit(self, job, *args):
-        """job(*args) on the writer thread, after the device work queued so far (snapshot's copies)."""
+        """job(*args) on the writer thread, after the work queued so far on the training device's current
+        stream (snapshot's copies): the writer's `device`, else CUDA's current device."""
         self.wait()
         ready = None
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if self.device is not None and self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        elif self.device is None and torch.cuda.is_available() and torch.cuda.is_initialized():
             ready = torch.cuda.Event()
             ready.record()
         self.pending = self.pool.submit(_after, ready, job, *args)

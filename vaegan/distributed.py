@@ -99,6 +99,7 @@ class OverlappedGradientReducer:
                 self.bucket_of[p], self.offsets[p] = i, offset
                 offset += p.numel()
         self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        self.active = True
         self.reset()
 
     def reset(self):
@@ -112,6 +113,8 @@ class OverlappedGradientReducer:
             self.launched += 1
 
     def _ready(self, p):
+        if not self.active:  # the compile trial: no collectives
+            return
         i, offset = self.bucket_of[p], self.offsets[p]
         self.flat[i][offset:offset + p.numel()].copy_(p.grad.reshape(-1))
         self.pending[i] -= 1
@@ -179,6 +182,12 @@ class StepAverage:
         requested = float(self.stop is not None and self.stop.requested)
         stats["stop"] = torch.full((), requested, device=next(self.model.parameters()).device)
         return average_step(self.model, stats, self.ctx, self.reducer)
+
+    def local(self, stats):
+        """What __call__ returns, in the same form, without collectives (the compile trial: processes compile on
+        their own); the gradients stay this process's."""
+        stats["stop"] = torch.zeros((), device=next(self.model.parameters()).device)
+        return average_step(self.model, stats, Context())
 
 
 def any_rank(flag, ctx, device):

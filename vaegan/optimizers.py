@@ -3,6 +3,8 @@ learning rate as the schedule sets it, and the masked step that keeps or discard
 decision made on the device (torch's optimizers through copies of everything they hold; the fused
 RMSprop in its kernel, which reads nothing but the decision when it is False)."""
 import torch
+from torch.optim.adam import adam as adam_functional
+from torch.optim.rmsprop import rmsprop as rmsprop_functional
 
 from .schedule import learning_rate
 
@@ -161,16 +163,120 @@ def reset_implementation(optimizers, kind, impl, tensor_lr):
                     state["step"] = state["step"].to(dtype=torch.float32, device=p.device)
 
 
+def create_state(optimizer):
+    """Create, as torch's optimizers do on their first step (zeros, by their own `_init_group`), the state of
+    every parameter that has a gradient and no state yet. Run eagerly before a compiled masked step: the
+    graph then only ever sees the state it updates, never creates it (one variant, before and after a
+    resume alike)."""
+    for group in optimizer.param_groups:
+        if any(p.grad is not None and not optimizer.state.get(p) for p in group["params"]):
+            optimizer._init_group(group, *([] for _ in range(6)))
+            mark_state_static(optimizer)
+
+
+def mark_state_static(optimizer):
+    """Mark the optimizer's state tensors as dynamo marks those of an optimizer.step it compiles: CUDA graphs
+    then update them in place instead of copying them in and out on every replay. Before the first compiled
+    call (the mark is guarded: marking later would recompile)."""
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                torch._dynamo.mark_static_address(value, guard=True)
+
+
+def _rmsprop_update(group, params, grads, states, optimizer):
+    rmsprop_functional(
+        params, grads, [s["square_avg"] for s in states], [s["grad_avg"] for s in states if "grad_avg" in s],
+        [s["momentum_buffer"] for s in states if "momentum_buffer" in s], [s["step"] for s in states],
+        lr=group["lr"], alpha=group["alpha"], eps=group["eps"], weight_decay=group["weight_decay"],
+        momentum=group["momentum"], centered=group["centered"], foreach=group["foreach"],
+        maximize=group["maximize"], differentiable=group["differentiable"], capturable=group["capturable"])
+
+
+def _adam_update(group, params, grads, states, optimizer):
+    beta1, beta2 = group["betas"]
+    adam_functional(
+        params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        [s["max_exp_avg_sq"] for s in states if "max_exp_avg_sq" in s], [s["step"] for s in states],
+        amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+        eps=group["eps"], maximize=group["maximize"], foreach=group["foreach"], capturable=group["capturable"],
+        differentiable=group["differentiable"], fused=group["fused"], grad_scale=getattr(optimizer, "grad_scale", None),
+        found_inf=getattr(optimizer, "found_inf", None), decoupled_weight_decay=group["decoupled_weight_decay"])
+
+
+def _fused_adam_update(group, params, grads, states, optimizer):
+    # torch's fused Adam as its _fused_adam calls it (which dynamo does not trace), for one device and dtype: the
+    # counts advance, then the kernel
+    if getattr(optimizer, "grad_scale", None) is not None or getattr(optimizer, "found_inf", None) is not None:
+        raise ValueError("a masked fused Adam step takes no gradient scaler")
+    if len({(p.device, p.dtype) for p in params}) > 1:
+        raise ValueError("a masked fused Adam step takes parameters on one device in one dtype")
+    beta1, beta2 = group["betas"]
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1)
+    # the kernel's out-of-place form (its in-place one declares the gradients written, which AOTAutograd's
+    # functionalization refuses for graph inputs)
+    kernel = torch.ops.aten._fused_adamw if group["decoupled_weight_decay"] else torch.ops.aten._fused_adam
+    moments = [[s[key] for s in states if key in s] for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")]
+    new_params, _, *new_moments = kernel(
+        params, grads, *moments, steps, amsgrad=group["amsgrad"], lr=group["lr"], beta1=beta1, beta2=beta2,
+        weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"], grad_scale=None,
+        found_inf=None)
+    for old, new in zip(params + sum(moments, []), new_params + sum(new_moments, [])):
+        old.copy_(new)
+
+
+# torch's functional form of each optimizer's step, as its step() calls it (exact types only: a subclass may step
+# otherwise, and takes masked_step_reference)
+FUNCTIONAL_UPDATES = {torch.optim.RMSprop: _rmsprop_update, torch.optim.Adam: _adam_update}
+
+
 def masked_step(optimizer, update):
     """optimizer.step(), kept only where `update` (a 0-d bool tensor) is True: otherwise every
     parameter and every state tensor is left exactly as it was (RMSprop's running average does not
     decay; Adam's step count does not advance). Decided on the device: no synchronisation. State the
     optimizer creates on its first step counts as zeros before it (as torch's optimizers start).
-    An optimizer that keeps state of its own in param_groups (an integer 'step', for one) cannot be
-    masked so: refused with an error rather than silently advanced (options.APEX_REFUSED names one). An optimizer with a
-    masked_step of its own (FusedMaskedRMSprop) takes the step itself, without the copies."""
+    torch's RMSprop and Adam step through masked_update (one graph when compiled); an optimizer with a
+    masked_step of its own (FusedMaskedRMSprop) takes the step itself; any other through
+    masked_step_reference."""
     if hasattr(optimizer, "masked_step"):
         return optimizer.masked_step(update)
+    if type(optimizer) not in FUNCTIONAL_UPDATES:
+        return masked_step_reference(optimizer, update)
+    create_state(optimizer)
+    masked_update(optimizer, update)
+
+
+def masked_update(optimizer, update):
+    """The step of torch's RMSprop or Adam (their functional form, on copies of the parameters and the state
+    create_state made), then each kept where `update` is True: no host value and nothing created, so
+    torch.compile takes it as one graph (fullgraph=True), in which inductor fuses each copy into its update."""
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            _masked_group_update(optimizer, group, update)
+
+
+def _masked_group_update(optimizer, group, update):
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    functional = _fused_adam_update if group.get("fused") else FUNCTIONAL_UPDATES[type(optimizer)]
+    states = [optimizer.state[p] for p in params]
+    stepped = [p.detach().clone() for p in params]
+    stepped_states = [{key: value.clone() for key, value in state.items()} for state in states]
+    functional(group, stepped, [p.grad for p in params], stepped_states, optimizer)
+    for p, new in zip(params, stepped):
+        p.copy_(torch.where(update, new, p))
+    for state, new_state in zip(states, stepped_states):
+        for key, value in new_state.items():
+            state[key].copy_(torch.where(update, value, state[key]))
+
+
+def masked_step_reference(optimizer, update):
+    """The slow reference of masked_step, for any optimizer: copies of every parameter and state tensor,
+    optimizer.step(), then the copies put back where `update` is False (compiled, dynamo splits it into
+    several graphs). An optimizer that keeps state of its own in param_groups (apex's FusedAdam: an integer
+    'step') cannot be masked so: refused with an error rather than silently advanced."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     group_state = [{k: v for k, v in group.items() if k != "params" and not torch.is_tensor(v)}
                    for group in optimizer.param_groups]

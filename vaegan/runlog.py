@@ -96,7 +96,10 @@ class RunLog:
                   f"augment {augment}, kernels {cfg.kernels} ({why['kernels']}), "
                   f"{ctx.world_size} process(es) x batch {cfg.batch_size}, "
                   f"BatchNorm {'global (--sync-bn)' if cfg.sync_bn else 'per process'}")
-        self.line(f"vaegan: step {run.train_step.mode.describe()} ({why['compile']}), optimizers {cfg.optimizer_impl} "
+        graphs = run.train_step.graphs_per_step
+        self.line(f"vaegan: step {run.train_step.mode.describe()} ({why['compile']})"
+                  + (f", {graphs} compiled graphs a step" if graphs else "")
+                  + f", optimizers {cfg.optimizer_impl} "
                   f"({why['optimizer_impl']})"
                   + (", thin convolutions padded to multiples of 8 channels" if cfg.pad_channels else "")
                   + (", the decoder's two passes in one call" if cfg.decoder_call == "joint" else "")

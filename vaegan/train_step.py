@@ -28,7 +28,7 @@ from kernels import philox
 
 from .decisions import GUARDED_STATS, step_decisions
 from .gradients import routed_losses
-from .optimizers import masked_step
+from .optimizers import create_state, mark_state_static, masked_step, masked_update
 
 
 @dataclass
@@ -99,6 +99,7 @@ class TrainStep:
         self.masked_steps = {name: functools.partial(masked_step, opt) for name, opt in optimizers.items()}
         self.noise = philox.step_noise  # (seed, step) -> (noise seed, prior codes), on the device
         self.decide = functools.partial(step_decisions, self.update_config, self.model)
+        self.graphs_per_step = None
         if mode.compile:
             # past dynamo's recompile limit the step would run eager, silently: make that an error
             torch._dynamo.config.fail_on_recompile_limit_hit = True
@@ -106,8 +107,11 @@ class TrainStep:
             self.forward = torch.compile(routed_losses, backend=mode.backend, mode=graphs)
             self.optimizer_steps = {name: torch.compile(opt.step, backend=mode.backend, mode=graphs)
                                     for name, opt in optimizers.items()}
-            self.masked_steps = {name: torch.compile(step, backend=mode.backend, mode=graphs)
-                                 for name, step in self.masked_steps.items()}
+            # each masked step one graph (their state is created eagerly before, in apply)
+            self.masked_steps = {name: torch.compile(opt.masked_step if hasattr(opt, "masked_step") else
+                                                     functools.partial(masked_update, opt),
+                                                     backend=mode.backend, mode=graphs, fullgraph=True)
+                                 for name, opt in optimizers.items()}
             self.decide = torch.compile(self.decide, backend=mode.backend)
             self.noise = torch.compile(self.noise, backend=mode.backend)
 
@@ -116,10 +120,16 @@ class TrainStep:
         self._build()
 
     def compile_now(self, batch, image_shape, attribute_count=0):
-        """Compile the step before training, by running it on random images, and put the parameters,
-        the BatchNorm statistics and the optimizers' state back exactly as they were (state the trial
-        created is zeroed, which is how torch's optimizers start). Returns None, or why compiling
-        failed: the step is then eager."""
+        """Compile every variant of the step the run will call before training, by running the step on
+        random images twice (CUDA-graph trees record on their second call), each time with every optimizer
+        then stepping as the run steps it (masked on a GPU, plainly on a CPU); then put the parameters, the
+        BatchNorm statistics and the optimizers' state back exactly as they were (state the trial created
+        is zeroed, which is how torch's optimizers start). The multi-process hook runs without collectives
+        meanwhile (StepAverage.local), so that processes compile on their own (but for the collectives of a
+        --sync-bn forward: a process whose compiling fails runs the rest of the trial eager, keeping pace).
+
+        Returns None, or why compiling failed: the step is then eager. self.graphs_per_step: how many
+        graphs dynamo compiled for one step (the backward runs with its forward's)."""
         tensors = list(self.model.parameters()) + list(self.model.buffers())
         existing = [v for opt in self.optimizers.values() for state in opt.state.values() for v in state.values()
                     if torch.is_tensor(v)]
@@ -127,15 +137,34 @@ class TrainStep:
         generator = torch.Generator().manual_seed(0)
         images = torch.rand((batch, *image_shape), generator=generator) * 2 - 1
         attributes = torch.zeros(batch, attribute_count)
+        every = {name: torch.ones((), dtype=torch.bool, device=self.device) for name in self.optimizers}
+        for opt in self.optimizers.values():
+            mark_state_static(opt)  # a resumed run's state, loaded
+        reduce = self.reduce
+        self.reduce = getattr(reduce, "local", None)  # the stats in the form the run's step gets them
+        reducer = getattr(reduce, "reducer", None)
+        if reducer is not None:
+            reducer.active = False
+        graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         failure = None
         try:
-            for trial in range(2 if self.mode.cuda_graphs else 1):  # CUDA-graph trees record on their second call
-                self(images, attributes, trial)
-        except Exception as e:
-            while getattr(e, "inner_exception", None) or e.__cause__:  # dynamo wraps what the compiler raised
-                e = getattr(e, "inner_exception", None) or e.__cause__
-            failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            self.run_eager()
+            for trial in range(2):
+                for phase in (lambda: self(images, attributes, trial), lambda: self.apply(every)):
+                    try:
+                        phase()
+                    except Exception as e:
+                        if failure is not None:
+                            raise
+                        failure = compile_failure(e)
+                        self.run_eager()
+                        phase()
+        finally:
+            self.reduce = reduce
+            if reducer is not None:
+                reducer.active = True
+                reducer.reset()
+        if failure is None:
+            self.graphs_per_step = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
         with torch.no_grad():
             for t, value in zip(tensors + existing, saved):
                 t.copy_(value)
@@ -198,7 +227,17 @@ class TrainStep:
             keep = update[name]
             if isinstance(keep, torch.Tensor) and keep.device.type == "cpu" and self.read_cpu_decisions:
                 keep = bool(keep)
+            if isinstance(keep, torch.Tensor) or keep:
+                create_state(self.optimizers[name])  # eagerly: a compiled step only ever updates its state
             if isinstance(keep, torch.Tensor):
                 self.masked_steps[name](keep)
             elif keep:
                 step()
+
+
+def compile_failure(error):
+    """What the compiler raised, in one line (dynamo wraps it)."""
+    while getattr(error, "inner_exception", None) or error.__cause__:
+        error = getattr(error, "inner_exception", None) or error.__cause__
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0] if message else ''}"

@@ -6,6 +6,7 @@ reports is vaegan/runlog.py, and when it saves is checkpoint.CheckpointSchedule.
 import contextlib
 import os
 import signal
+import sys
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -219,14 +220,25 @@ def train(cfg):
         distributed.teardown(ctx)
 
 
+def select_device(device, ctx):
+    """The device this process trains on, made CUDA's current device before anything is created: the checkpoint
+    writer's event, eager Triton launches and torch's own allocations without a device go to it (not to
+    device 0). With torchrun it is the process's local rank; DALI and the kernels' check need the index."""
+    if device.type != "cuda":
+        return device
+    if ctx.distributed:
+        device = torch.device("cuda", ctx.local_rank)
+    elif device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
+
+
 def setup(cfg, ctx, device, saved):
     """Resolve the options, build the data, the model, its optimizers, the step and the loader,
     restore a checkpoint, and write config.json (the run's facts and this machine's choices, with the
     reasons) in the run directory."""
-    if device.type == "cuda" and ctx.distributed:
-        device = torch.device("cuda", ctx.local_rank)
-    elif device.type == "cuda" and device.index is None:  # DALI and the kernels' check need the index
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = select_device(device, ctx)
     torch.manual_seed(cfg.seed)
     dataset = build_dataset(cfg.data, "train", cfg.image_size, cfg.channels)
     requested = cfg
@@ -249,19 +261,9 @@ def setup(cfg, ctx, device, saved):
                         tensor_lr=cfg.compile)
     reset_implementation(optimizers, cfg.optimizer, cfg.optimizer_impl, tensor_lr=cfg.compile)
     distributed.broadcast_state(model, ctx)
-    if cfg.compile and requested.compile is None:  # compiled by default: what fails to compile runs eager
-        failure = train_step.compile_now(cfg.batch_size, (cfg.channels, cfg.image_size, cfg.image_size),
-                                         len(dataset.attribute_names))
-        reasons["compile"] = "default with CUDA, compiled before the first step"
-        if distributed.any_rank(failure is not None, ctx, device):  # every process runs the same step
-            failure = failure or "on another process"
-            train_step.run_eager()
-            cfg = replace(cfg, compile=False, cuda_graphs=False, max_autotune=False)
-            reasons["compile"] = f"default with CUDA, but compiling failed ({failure}), so eager"
-            # a float rate, as a run that never compiled holds it (a tensor rate rounds differently on CUDA)
-            reset_learning_rate(optimizers, learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps),
-                                tensor_lr=False)
-            reset_implementation(optimizers, cfg.optimizer, cfg.optimizer_impl, tensor_lr=False)
+    if cfg.compile:
+        cfg = compile_before_training(cfg, requested, reasons, train_step, optimizers, ctx, device, start_step,
+                                      len(dataset.attribute_names))
     loader, sampler, loader_kind, reasons["loader"] = open_loader(cfg, dataset, ctx, device, start_step,
                                                                   reasons["loader"], requested.loader == "auto")
     cfg = replace(cfg, loader=loader_kind)
@@ -273,6 +275,34 @@ def setup(cfg, ctx, device, saved):
     return Run(cfg, options.kept_for_resume(cfg), reasons, ctx, device, dataset, model, optimizers,
                train_step, loader, sampler.steps_per_epoch, start_step, saved is not None, skips, unreadable, stop,
                tally)
+
+
+def compile_before_training(cfg, requested, reasons, train_step, optimizers, ctx, device, start_step,
+                            attribute_count):
+    """Compile every variant of the step before the first step (TrainStep.compile_now); the processes agree on
+    the outcome (one all-reduce of a failure flag): any failing makes all run eager, each saying why, so that
+    their collectives keep matching. Compiling by default, that is the fallback; an explicit --compile that
+    fails stops the run. Returns the configuration the run then has."""
+    failure = train_step.compile_now(cfg.batch_size, (cfg.channels, cfg.image_size, cfg.image_size), attribute_count)
+    if not distributed.any_rank(failure is not None, ctx, device):
+        if requested.compile is None:
+            reasons["compile"] = "default with CUDA, compiled before the first step"
+        return cfg
+    why = failure or "on another process"
+    if ctx.distributed:
+        print(f"vaegan: process {ctx.rank}: compiling the step failed {'here (' + why + ')' if failure else why}; "
+              "every process runs eager", file=sys.stderr, flush=True)
+    if requested.compile:
+        raise RuntimeError(f"--compile was requested, but compiling the step failed ({why}); "
+                           "leave --compile out to run eager where compiling fails")
+    train_step.run_eager()
+    cfg = replace(cfg, compile=False, cuda_graphs=False, max_autotune=False)
+    reasons["compile"] = f"default with CUDA, but compiling failed ({why}), so eager"
+    # a float rate, as a run that never compiled holds it (a tensor rate rounds differently on CUDA)
+    reset_learning_rate(optimizers, learning_rate(cfg.lr_schedule, cfg.lr, start_step, cfg.lr_schedule_steps),
+                        tensor_lr=False)
+    reset_implementation(optimizers, cfg.optimizer, cfg.optimizer_impl, tensor_lr=False)
+    return cfg
 
 
 def loop(run):
@@ -287,7 +317,7 @@ def loop(run):
     step = run.start_step
     # the writer's thread writes checkpoints and grids; leaving this block waits for its last job (after
     # closing the progress bar: an error is then printed on a line of its own)
-    with run.stop, contextlib.closing(checkpoint.Writer()) as writer, contextlib.closing(log):
+    with run.stop, contextlib.closing(checkpoint.Writer(run.device)) as writer, contextlib.closing(log):
         if not run.resumed:
             run.save_checkpoint(0, schedule.paths(cfg.out, 0), writer)  # from here on a kill leaves a checkpoint
         for images, attributes, bad_files in run.loader:
