@@ -78,6 +78,7 @@ class TrainConfig:
     checkpoint_every: int = None  # steps; default: none, --checkpoint-minutes decides
     checkpoint_minutes: float = 10.0
     keep_every: int = 5000
+    collapse_check_every: int = 100  # steps between reconstruction checks of a fixed batch (vaegan/collapse.py); 0: none
 
     def resolved(self):
         """A copy with every data-dependent default filled in."""
@@ -97,7 +98,7 @@ class TrainConfig:
 
 # Options that may differ when a run is resumed; every other value comes from the checkpoint.
 RESUMABLE_OVERRIDES = ("steps", "device", "kernels", "loader", "workers", "data_cache", "out", "resume", "log_every", "sample_every",
-                       "checkpoint_every", "checkpoint_minutes", "keep_every", "compile", "cuda_graphs", "compile_backend", "memory_format",
+                       "checkpoint_every", "checkpoint_minutes", "keep_every", "collapse_check_every", "compile", "cuda_graphs", "compile_backend", "memory_format",
                        "optimizer_impl", "max_autotune", "pad_channels", "decoder_call", "fuse_bn_relu", "overlap_allreduce")
 
 
@@ -113,6 +114,18 @@ def positive_int(name):
             raise argparse.ArgumentTypeError(f"{name} takes a positive integer, not {text!r}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{name} takes a positive integer, not {value}")
+        return value
+    return parse
+
+
+def non_negative_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes an integer >= 0, not {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} takes an integer >= 0, not {value}")
         return value
     return parse
 
@@ -273,6 +286,11 @@ def add_train_arguments(parser):
            "runs on a background thread (default: 10)")
     a("--keep-every", type=positive_int("--keep-every"), default=d.keep_every,
       help="steps between kept checkpoint-STEP.pt files (default: 5000)")
+    a("--collapse-check-every", type=non_negative_int("--collapse-check-every"), default=d.collapse_check_every,
+      help="steps between checks of the reconstructions of a fixed batch of the data (and one before each "
+           "checkpoint): their error relative to the mean image's is logged as recon_check, and one that rises "
+           "above 1 and twice its best so far is reported as a collapse, with the last good checkpoint; "
+           "0: no checks (default: 100)")
     return parser
 
 
