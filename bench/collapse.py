@@ -69,12 +69,43 @@ def heldout_error(checkpoint, images):
     return float((model.reconstruct(images) - images).pow(2).mean() / spread)
 
 
+def statistics_path_share(model, images, batch, draws=8):
+    """How much of the decoder's minimax gradient at its samples comes through the discriminator's shared
+    BatchNorm statistics: the gradient of the real images' term, -log Dis(x) (which reaches the samples
+    only through the statistics of the batch [x, samples]), over that of the samples' own term
+    -log(1 - Dis(x_p)), by norm, median over `draws` batches of `batch` reals and `batch` samples (the
+    discriminator in training mode, its running statistics left as they were)."""
+    from vaegan.gradients import extra_pass
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    ratios = []
+    for _ in range(draws):
+        x = images[torch.randperm(len(images), generator=generator)[:batch]]
+        with torch.no_grad():
+            fakes = extra_pass(model.decoder, torch.randn(batch, model.latent_size, generator=generator))
+        fakes.requires_grad_(True)
+        logits = extra_pass(model.discriminator, torch.cat([x, fakes]))
+        real_term = torch.nn.functional.softplus(-logits[:batch]).mean()
+        fake_term = torch.nn.functional.softplus(logits[batch:]).mean()
+        g_real, = torch.autograd.grad(real_term, fakes, retain_graph=True)
+        g_fake, = torch.autograd.grad(fake_term, fakes)
+        ratios.append(float(g_real.norm() / g_fake.norm()))
+    model.eval()
+    return sorted(ratios)[len(ratios) // 2]
+
+
 def one_run(name, seed, args, data, images, log):
     run = os.path.join(args.work, f"{args.networks}-{name}-seed{seed}")
     curve_path = os.path.join(run, "curve.json")
     if os.path.exists(curve_path):
         with open(curve_path) as f:
-            return json.load(f)
+            result = json.load(f)
+        if "statistics_path_share" not in result:  # a curve recorded before the measure existed
+            final = vaegan.load(run)
+            result["statistics_path_share"] = {str(b): statistics_path_share(final, images, b) for b in (16, 64)}
+            with open(curve_path, "w") as f:
+                json.dump(result, f)
+        return result
     if os.path.exists(run):
         raise SystemExit(f"{run} holds an unfinished run: delete it to train again")
     start = time.time()
@@ -92,6 +123,8 @@ def one_run(name, seed, args, data, images, log):
               "train_pixel_error": {r["step"]: r["pixel_error"] for r in rows if r["step"] % CHECK_EVERY == 0},
               "dis_loss": {r["step"]: r["dis_loss"] for r in rows if r["step"] % CHECK_EVERY == 0},
               "collapse_lines": lines}
+    final = vaegan.load(run)
+    result["statistics_path_share"] = {str(b): statistics_path_share(final, images, b) for b in (16, 64)}
     with open(curve_path, "w") as f:
         json.dump(result, f)
     log(f"{name} seed {seed}: {result['seconds']} s; held-out " +
@@ -129,13 +162,22 @@ def markdown(summary):
         lines.append(f"| {name} | {len(finals)} | {' '.join(f'{v:.2f}' for v in row['final'])} | {median:.2f} "
                      f"| {len(row['collapsed_seeds'])} {row['collapsed_seeds']} "
                      f"| {len(row['reported_seeds'])} {row['reported_seeds']} |")
-    lines += ["", "Curves (held-out error every 100 steps; the trainer's check on training images every 50; "
-              "the discriminator's loss at the check steps):", ""]
+    lines += ["", "Statistics path share: the norm of the gradient that the real images' term -log Dis(x) sends to the "
+              "decoder's samples through the discriminator's BatchNorm statistics of the batch [x, samples], over that "
+              "of the samples' own term -log(1 - Dis(x_p)), at the run's final weights (median of 8 batches; "
+              "`statistics_path_share` in bench/collapse.py).", ""]
+    lines += ["", "Curves: the held-out error every 100 steps; the trainer's check (the same measure on 64 training "
+              "images) every 50; and, at the check steps, the training step's own pixel MSE (`pixel_error`: training "
+              "batch, batch statistics, absolute: the held-out mean image's is "
+              f"{summary['heldout_mean_image_pixel_mse']:.4f}) and the discriminator's loss.", ""]
     for r in summary["runs"]:
         lines.append(f"- {r['variant']} seed {r['seed']}: held-out "
                      + " ".join(f"{k}:{v:.2f}" for k, v in r["heldout"].items())
                      + "; check " + " ".join(f"{v:.2f}" for v in r["check"].values())
+                     + "; pixel_error " + " ".join(f"{v:.2f}" for v in r["train_pixel_error"].values())
                      + "; dis_loss " + " ".join(f"{v:.2f}" for v in r["dis_loss"].values())
+                     + "; statistics path share at batch 16 / 64: "
+                     + " / ".join(f"{v:.2f}" for v in r["statistics_path_share"].values())
                      + (f"; reported: `{r['collapse_lines'][0].strip()}`" if r["collapse_lines"] else ""))
     return "\n".join(lines) + "\n"
 
@@ -166,6 +208,7 @@ def main():
     import triton
     summary = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "steps": args.steps,
                "data": "scikit-learn digits, every 5th held out", "heldout_images": len(heldout),
+               "heldout_mean_image_pixel_mse": float((images - images.mean(0)).pow(2).mean()),
                "configuration": f"batch {args.batch}, {args.networks} networks: " + " ".join(COMMON + NETWORKS[args.networks]), "variants": VARIANTS,
                "summary": summarise(results, args.steps), "runs": results,
                "versions": {"python": platform.python_version(), "torch": torch.__version__,

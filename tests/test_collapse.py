@@ -137,3 +137,38 @@ def test_the_check_runs_on_the_real_model_and_can_be_turned_off(tmp_path):
     off = tmp_path / "off"
     trainer.train(TrainConfig(steps=3, log_every=3, collapse_check_every=0, sample_every=100, out=str(off), **TINY))
     assert "recon_check" not in json.loads(open(off / "metrics.jsonl").readline())
+
+
+# The learning test: the digits (real images, in scikit-learn) at batch 16, the size at which the VAE/GAN was
+# seen to collapse, in bench/learning.py's small networks, every training option at its default. The bound
+# comes from bench/results/collapse-20261205/ (the same runs' first 300 steps, six seeds): see HELDOUT_BOUND.
+LEARNING_SEEDS = (0, 1, 2)
+LEARNING_STEPS = 300
+HELDOUT_BOUND = None  # set from the measured spread
+
+
+@pytest.mark.slow
+def test_vaegan_reconstructions_do_not_collapse_at_batch_16_on_the_digits(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the digits ship in scikit-learn (pip install -e '.[learning]')")
+    import sys
+
+    import vaegan
+    from conftest import ROOT
+    from vaegan.data import build_dataset
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from learning import write_digits
+    train_dir, heldout_dir = write_digits(str(tmp_path / "digits"))
+    heldout = build_dataset(heldout_dir, "train", 32, 1)
+    images = torch.stack([heldout[(i, False)][0] for i in range(len(heldout))])
+    errors = {}
+    for seed in LEARNING_SEEDS:
+        out = tmp_path / f"seed{seed}"
+        trainer.train(TrainConfig(data=train_dir, image_size=32, channels=1, width=0.25, latent_size=32, fc_width=256,
+                                  batch_size=16, steps=LEARNING_STEPS, lr_schedule_steps=800, seed=seed, workers=0,
+                                  device="cpu", kernels="torch", collapse_check_every=50, sample_every=1000,
+                                  out=str(out)))
+        model = vaegan.load(str(out))
+        errors[seed] = collapse.relative_reconstruction_error(model, images)
+    reported = [line for line in capsys.readouterr().err.splitlines() if "collapsed" in line]
+    assert reported == [], reported
+    assert all(error < HELDOUT_BOUND for error in errors.values()), errors
