@@ -140,11 +140,15 @@ def test_the_check_runs_on_the_real_model_and_can_be_turned_off(tmp_path):
 
 
 # The learning test: the digits (real images, in scikit-learn) at batch 16, the size at which the VAE/GAN was
-# seen to collapse, in bench/learning.py's small networks, every training option at its default. The bound
-# comes from bench/results/collapse-20261205/ (the same runs' first 300 steps, six seeds): see HELDOUT_BOUND.
-LEARNING_SEEDS = (0, 1, 2)
-LEARNING_STEPS = 300
-HELDOUT_BOUND = None  # set from the measured spread
+# seen to collapse, in bench/learning.py's small networks, every training option at its default: the first 600
+# steps of bench/results/collapse-20261205/'s 800-step runs (the learning rate anneals over 800).
+LEARNING_SEEDS = (0, 1)
+LEARNING_STEPS = 600
+# There, six seeds' held-out errors at step 600 (over the mean image's; running statistics) were 0.56-1.26, mean
+# 0.88, standard deviation 0.29; the collapse reported on another image set rose to 1.7-2.0. The bound is the
+# measured mean + 3 standard deviations (a rerun on another thread count follows another trajectory: only the
+# spread carries over).
+HELDOUT_BOUND = 0.88 + 3 * 0.29
 
 
 @pytest.mark.slow
@@ -167,8 +171,7 @@ def test_vaegan_reconstructions_do_not_collapse_at_batch_16_on_the_digits(tmp_pa
                                   batch_size=16, steps=LEARNING_STEPS, lr_schedule_steps=800, seed=seed, workers=0,
                                   device="cpu", kernels="torch", collapse_check_every=50, sample_every=1000,
                                   out=str(out)))
-        model = vaegan.load(str(out))
-        errors[seed] = collapse.relative_reconstruction_error(model, images)
+        errors[seed] = collapse.relative_reconstruction_error(vaegan.load(str(out)), images)
     reported = [line for line in capsys.readouterr().err.splitlines() if "collapsed" in line]
     assert reported == [], reported
     assert all(error < HELDOUT_BOUND for error in errors.values()), errors
