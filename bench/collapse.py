@@ -45,6 +45,8 @@ VARIANTS = {
     "batch64": ["--batch-size", "64"],
     "gan-loss-eps": ["--gan-loss-form", "eps"],
     "no-equilibrium": ["--no-equilibrium"],
+    "non-saturating": ["--decoder-gan-loss", "non-saturating"],
+    "latent128": ["--latent-size", "128", "--fc-width", "1024"],  # the defaults' latent and FC in narrow convolutions
 }
 EVAL_EVERY = 100
 CHECK_EVERY = 50
@@ -191,6 +193,8 @@ def main():
     parser.add_argument("--networks", choices=tuple(NETWORKS), default="small")
     parser.add_argument("--seeds", default="0,1,2,3,4,5")
     parser.add_argument("--variants", default="defaults", help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--variant-seeds", action="append", default=[], metavar="VARIANT=SEEDS",
+                        help="other seeds for one variant, e.g. latent128=0,1,2 (repeatable)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     args = parser.parse_args()
     args.work = args.work or os.path.join(args.out, "runs")
@@ -202,7 +206,9 @@ def main():
     train_dir, heldout_dir = write_digits(os.path.join(args.out, "data"))
     heldout = build_dataset(heldout_dir, "train", 32, 1)
     images = torch.stack([heldout[(i, False)][0] for i in range(len(heldout))])
-    jobs = [(name, int(seed)) for name in args.variants.split(",") for seed in args.seeds.split(",")]
+    seeds = {name: args.seeds for name in args.variants.split(",")}
+    seeds.update(dict(item.split("=", 1) for item in args.variant_seeds))
+    jobs = [(name, int(seed)) for name in args.variants.split(",") for seed in seeds[name].split(",")]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: one_run(*job, args, train_dir, images, log), jobs))
     import triton

@@ -139,6 +139,38 @@ def test_the_check_runs_on_the_real_model_and_can_be_turned_off(tmp_path):
     assert "recon_check" not in json.loads(open(off / "metrics.jsonl").readline())
 
 
+def bench_collapse():
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("bench_collapse", os.path.join(ROOT, "bench", "collapse.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_statistics_path_is_what_the_shared_batchnorm_carries_and_nothing_else():
+    bench = bench_collapse()
+    torch.manual_seed(0)
+    model = VAEGAN("vaegan", 32, 1, 16, 64, width=0.25)
+    images = Images(40).images
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    assert bench.statistics_path_share(model, images, 8, draws=2) > 0
+    assert all(torch.equal(b, before[name]) for name, b in model.named_buffers())  # running statistics untouched
+    for name, module in list(model.discriminator.named_modules()):
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            parent = model.discriminator.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model.discriminator
+            setattr(parent, name.rsplit(".", 1)[-1], torch.nn.Identity())
+    assert bench.statistics_path_share(model, images, 8, draws=2) == 0  # each image's logit its own: no path
+
+
+def test_the_summary_counts_a_run_collapsed_at_the_end_only_above_the_mean_image_and_twice_its_best():
+    runs = [{"variant": "v", "seed": 0, "heldout": {"100": 0.5, "200": 1.2}, "collapse_lines": ["vaegan: step 200"]},
+            {"variant": "v", "seed": 1, "heldout": {"100": 0.6, "200": 1.1}, "collapse_lines": []},
+            {"variant": "v", "seed": 2, "heldout": {"100": 0.4, "200": 0.9}, "collapse_lines": []}]
+    row = bench_collapse().summarise(runs, 200)["v"]
+    assert row["collapsed_seeds"] == [0] and row["reported_seeds"] == [0] and row["final"] == [1.2, 1.1, 0.9]
+
+
 # The learning test: the digits (real images, in scikit-learn) at batch 16, the size at which the VAE/GAN was
 # seen to collapse, in bench/learning.py's small networks, every training option at its default: the first 600
 # steps of bench/results/collapse-20261205/'s 800-step runs (the learning rate anneals over 800).
