@@ -184,26 +184,34 @@ HELDOUT_BOUND = 0.88 + 3 * 0.29
 
 
 @pytest.mark.slow
-def test_vaegan_reconstructions_do_not_collapse_at_batch_16_on_the_digits(tmp_path, capsys):
+def test_vaegan_reconstructions_do_not_collapse_at_batch_16_on_the_digits(tmp_path):
     pytest.importorskip("sklearn", reason="the digits ship in scikit-learn (pip install -e '.[learning]')")
+    import subprocess
     import sys
 
     import vaegan
-    from conftest import ROOT
+    from conftest import ROOT, TRAIN
     from vaegan.data import build_dataset
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     from learning import write_digits
     train_dir, heldout_dir = write_digits(str(tmp_path / "digits"))
     heldout = build_dataset(heldout_dir, "train", 32, 1)
     images = torch.stack([heldout[(i, False)][0] for i in range(len(heldout))])
-    errors = {}
-    for seed in LEARNING_SEEDS:
-        out = tmp_path / f"seed{seed}"
-        trainer.train(TrainConfig(data=train_dir, image_size=32, channels=1, width=0.25, latent_size=32, fc_width=256,
-                                  batch_size=16, steps=LEARNING_STEPS, lr_schedule_steps=800, seed=seed, workers=0,
-                                  device="cpu", kernels="torch", collapse_check_every=50, sample_every=1000,
-                                  out=str(out)))
-        errors[seed] = collapse.relative_reconstruction_error(vaegan.load(str(out)), images)
-    reported = [line for line in capsys.readouterr().err.splitlines() if "collapsed" in line]
+    # as bench/collapse.py runs them: train.py, one thread each, the seeds side by side
+    runs = {seed: subprocess.Popen([sys.executable, TRAIN, "--data", train_dir, "--image-size", "32", "--channels", "1",
+                                    "--width", "0.25", "--latent-size", "32", "--fc-width", "256", "--batch-size", "16",
+                                    "--steps", str(LEARNING_STEPS), "--lr-schedule-steps", "800", "--seed", str(seed),
+                                    "--workers", "0", "--device", "cpu", "--kernels", "torch",
+                                    "--collapse-check-every", "50", "--sample-every", "1000",
+                                    "--out", str(tmp_path / f"seed{seed}")],
+                                   stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT,
+                                   env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+            for seed in LEARNING_SEEDS}
+    errors, reported = {}, []
+    for seed, run in runs.items():
+        err = run.communicate(timeout=3600)[1]
+        assert run.returncode == 0, err[-3000:]
+        reported += [line for line in err.replace("\r", "\n").splitlines() if "collapsed" in line]
+        errors[seed] = collapse.relative_reconstruction_error(vaegan.load(str(tmp_path / f"seed{seed}")), images)
     assert reported == [], reported
     assert all(error < HELDOUT_BOUND for error in errors.values()), errors

@@ -3,12 +3,12 @@
 Adversarial training is noisy, and its losses say little about whether the decoder still
 reconstructs: at batch 16 the VAE/GAN's decoder was seen to turn into one whose every output is
 nearly the same image, in one run of three on 28x28 photographs of objects (bench/collapse.py
-measures how often on the digits). The check encodes a fixed batch of the
-run's images, decodes the posterior means with the model as a checkpoint holds it (eval mode, the
-running BatchNorm statistics) and reports the pixel error relative to the batch's own mean image
-(1.0: no better than drawing the mean image for every input). A collapse is an error far above the
-best the run has reached; the run says so once, with the step and the last checkpoint saved while
-the check was still good, and says again only after the error has come back down.
+measures how often on the digits). The check encodes a fixed batch of the run's images, decodes
+the posterior means with the model as a checkpoint holds it (eval mode, the running BatchNorm
+statistics) and reports the pixel error relative to the batch's own mean image (1.0: no better
+than drawing the mean image for every input). A collapse is an error far above the best the run
+has reached; the run says so once, with the step and the last checkpoint saved while the check
+was still good, and says again only after the error has come back down.
 """
 import os
 
