@@ -178,8 +178,8 @@ LEARNING_SEEDS = (0, 1)
 LEARNING_STEPS = 600
 # There, six seeds' held-out errors at step 600 (over the mean image's; running statistics) were 0.56-1.26, mean
 # 0.88, standard deviation 0.29; the collapse reported on another image set rose to 1.7-2.0. The bound is the
-# measured mean + 3 standard deviations (a rerun on another thread count follows another trajectory: only the
-# spread carries over).
+# measured mean + 3 standard deviations (run as the experiment ran them, one thread each, seeds 0 and 1 repeat
+# its checks exactly on this machine; elsewhere a run may follow another trajectory: only the spread carries over).
 HELDOUT_BOUND = 0.88 + 3 * 0.29
 
 
