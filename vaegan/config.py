@@ -55,6 +55,19 @@ def positive_int(name):
     return parse
 
 
+def non_negative_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes an integer >= 0, not {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name} takes an integer >= 0, not {value}")
+        return value
+    parse.__name__ = "integer >= 0"
+    return parse
+
+
 def number(name, minimum=0.0, inclusive=False):
     def parse(text):
         try:
@@ -194,6 +207,12 @@ class TrainConfig:
         parse=number("--checkpoint-minutes", inclusive=True), resume=KEPT)
     keep_every: int = option(5000, "run and monitoring", "steps between kept checkpoint-STEP.pt files",
                              parse=positive_int("--keep-every"), resume=KEPT)
+    collapse_check_every: int = option(
+        100, "run and monitoring",
+        "steps between checks of the reconstructions of a fixed batch of the data (and one before each "
+        "checkpoint): their error relative to the mean image's is logged as recon_check, and one that rises "
+        "above 1 and twice its best so far is reported as a collapse, with the last good checkpoint; 0: no checks",
+        parse=non_negative_int("--collapse-check-every"), resume=KEPT)
     # speed and levers: the same results (to rounding) on any choice
     loader: str = option(
         "auto", "speed and levers", "image loading: NVIDIA DALI (GPU decoding; on a CPU its CPU operators) or PIL "

@@ -123,8 +123,9 @@ class RunLog:
                   f"run directory {cfg.out}")
         self.since = (time.perf_counter(), run.start_step)
 
-    def step(self, step, losses, updated, skipped, unreadable):
-        """A log step: one line of metrics.jsonl, the same in TensorBoard, and the progress bar's figures."""
+    def step(self, step, losses, updated, skipped, unreadable, checks=None):
+        """A log step: one line of metrics.jsonl, the same in TensorBoard, and the progress bar's figures;
+        checks: more values of this step to record (the reconstruction check's)."""
         cfg = self.cfg
         start, start_step = self.since
         img_per_s = (step - start_step) * self.global_batch / (time.perf_counter() - start)
@@ -133,7 +134,7 @@ class RunLog:
                   "update_discriminator": updated.get("discriminator", True),
                   "skipped_decoder": skipped["decoder"], "skipped_discriminator": skipped["discriminator"],
                   "lr": learning_rate(cfg.lr_schedule, cfg.lr, step - 1, cfg.lr_schedule_steps),
-                  "img_per_s": img_per_s, "unreadable_images": unreadable}
+                  "img_per_s": img_per_s, "unreadable_images": unreadable, **(checks or {})}
         if self.is_main:
             checkpoint.append_whole(self.metrics_path, (json.dumps(record) + "\n").encode(),
                                     f"the metrics of step {step}")

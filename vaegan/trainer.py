@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from . import checkpoint, distributed, options
+from .collapse import CollapseWatch
 from .config import FIXED, MACHINE_CHOICES, RESUMABLE_OVERRIDES, ConfigError, TrainConfig, config_json, resume_kind
 from .data import DataError, StepBatchSampler, build_dataset, make_loader
 from .data.cache import CachedLoader, DecodedCache
@@ -313,6 +314,9 @@ def loop(run):
                         run.train_step.attribute_columns)
     log = RunLog(cfg, ctx.is_main, run.start_step, ctx.world_size)
     log.start(run)
+    watch = None
+    if cfg.collapse_check_every and run.model.encoder is not None:
+        watch = CollapseWatch(run.model, run.dataset, cfg.collapse_check_every, run.train_step.attribute_columns)
     run.model.train()
     step = run.start_step
     # the writer's thread writes checkpoints and grids; leaving this block waits for its last job (after
@@ -329,15 +333,20 @@ def loop(run):
             follow_schedule(run.optimizers, cfg, step)
             # one process stops at once; several stop together, at the log step that reads the request
             stopping = run.stop.requested and not ctx.distributed
+            checks = {"recon_check": watch.check(step, log.line)} if watch is not None and watch.due(step) else {}
             if step % cfg.log_every == 0 or step == cfg.steps or stopping:
                 losses, updated, skipped = run.read_tally()
-                log.step(step, losses, updated, skipped, len(run.unreadable))
+                log.step(step, losses, updated, skipped, len(run.unreadable), checks)
                 stopping = stopping or losses.get("stop", 0.0) > 0  # any process's request (StepAverage)
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 grids.save(step, writer)
             if schedule.due(step, stopping):
                 run.read_tally(new_interval=False)  # the skips in all; no checkpoint after a non-finite step
+                if watch is not None:  # each checkpoint's reconstructions checked: the last good one is known
+                    watch.check(step, log.line)
                 run.save_checkpoint(step, schedule.paths(cfg.out, step), writer)
+                if watch is not None:
+                    watch.saved(step, schedule.paths(cfg.out, step))
             if stopping:
                 log.line(f"vaegan: stop requested; saved step {step} to {cfg.out}, resume with --resume {cfg.out}")
                 break
