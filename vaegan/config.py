@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 from .data.datasets import BUILTIN
 from .schedule import AUTHORS_LR, SCHEDULES
-from .models import MODEL_KINDS, SUPPORTED_IMAGE_SIZES
+from .models import MODEL_KINDS, SUPPORTED_IMAGE_SIZES, UP_CONV_FANS
 
 DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 # The built-in faces are a demonstration that must show faces after a few minutes on two CPU
@@ -14,9 +14,9 @@ DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 # at the paper's 1e-6 the decoder learns mostly from the GAN term and needs far longer).
 # Over 150 steps the authors' annealing leaves too few steps at a useful rate: the preset keeps it constant.
 BUILTIN_PRESET = {"image_size": 32, "channels": 1, "steps": 150, "batch_size": 32, "gamma": 1e-3,
-                  "lr_schedule": "constant", "augment": "flip"}
+                  "lr_schedule": "constant", "augment": "flip", "up_conv_fan": "in"}
 REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_REAL_DATA, "batch_size": 64,
-                      "gamma": 1e-6, "lr_schedule": "authors", "augment": "authors"}
+                      "gamma": 1e-6, "lr_schedule": "authors", "augment": "authors", "up_conv_fan": "out"}
 
 
 def default_workers():
@@ -35,6 +35,7 @@ class TrainConfig:
     latent_size: int = 128
     fc_width: int = 1024    # the authors' code; the paper's table says 2048
     width: float = 1.0      # channel-width multiplier; 1 is the paper's networks
+    up_conv_fan: str = None  # the transposed convolutions' init fan: out (the authors'), in on the built-in faces
     batch_size: int = None  # per process; default: 64 (the paper's), 32 on the built-in faces
     steps: int = None       # default: 62,500 on real data, 150 on the built-in faces
     lr: float = AUTHORS_LR   # the start of the schedule: 0.025 / 64, the authors'
@@ -153,6 +154,9 @@ def add_train_arguments(parser):
     a("--width", type=number("--width"), default=d.width,
       help="channel-width multiplier of every convolution and of the discriminator's FC layer (default: 1, the "
            "paper's networks; not the paper's otherwise: bench/learning.py uses 0.25 to learn on a CPU)")
+    a("--up-conv-fan", choices=UP_CONV_FANS, default=None,
+      help="the fan of the transposed convolutions' initialisation, std 1/(3*sqrt(fan)): out, C_out*k*k (the "
+           "authors'), or in, C_in*k*k (default: out; in on the built-in faces)")
     a("--batch-size", type=positive_int("--batch-size"), default=None,
       help="images per process and step (default: 64, the paper's; 32 on the built-in faces)")
     a("--steps", type=positive_int("--steps"), default=None,
