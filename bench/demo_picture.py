@@ -286,7 +286,7 @@ CPU s / 2 what two uncontended cores would take at full use.
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="runs/demo-picture")
-    parser.add_argument("--variants", default="base,fan-in,bilinear,gamma1e-2,gamma1e-4,fp32")
+    parser.add_argument("--variants", default="preset,fan-out,spline3,gamma1e-4")
     parser.add_argument("--results", default=None, help="JSON lines file to append each variant's measurement to")
     parser.add_argument("--measure", default=None, metavar="RUN_DIR")
     parser.add_argument("--data", default="builtin", help="with --measure: the enlargement the run trained on")

@@ -13,6 +13,8 @@ DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 # cores: 150 steps of 32 images, and a decoder weighted towards reconstruction (gamma 1e-3;
 # at the paper's 1e-6 the decoder learns mostly from the GAN term and needs far longer).
 # Over 150 steps the authors' annealing leaves too few steps at a useful rate: the preset keeps it constant.
+# The transposed convolutions start from their input fan (the authors' use their output fan), which leaves less
+# of their checkerboard in the demo's last grids (bench/results/demo-faces/results.md).
 BUILTIN_PRESET = {"image_size": 32, "channels": 1, "steps": 150, "batch_size": 32, "gamma": 1e-3,
                   "lr_schedule": "constant", "augment": "flip", "up_conv_fan": "in"}
 REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_REAL_DATA, "batch_size": 64,
