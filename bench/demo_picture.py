@@ -256,7 +256,7 @@ def demo_seeds(seeds, root, write):
 
 def results_markdown(rows, command):
     preset = ", ".join(f"{k} {v}" for k, v in rows[0]["preset"].items())
-    return f"""# The built-in faces demo's final grids, 3 seeds
+    return f"""# The built-in faces demo's final grids, seed(s) {", ".join(str(r["seed"]) for r in rows)}
 
 `python train.py --seed S` (the built-in preset as resolved: {preset}), each seed's last grids beside this
 file: `samples-seedS.png` (32 samples, fixed prior codes) and `reconstructions-seedS.png` (16 training faces,
