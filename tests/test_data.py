@@ -73,6 +73,19 @@ def test_builtin_faces_are_real_images():
     assert rgb.shape == (3, 64, 64) and torch.equal(rgb[0], rgb[1])
 
 
+def test_builtin_faces_are_enlarged_bilinearly_and_say_so():
+    from skimage import transform
+    from skimage.data import lfw_subset
+    dataset = build_dataset(BUILTIN, "train", 32, 1)
+    assert "enlarged bilinearly" in dataset.name
+    face = transform.resize(lfw_subset()[7], (32, 32), order=1, mode="reflect", anti_aliasing=False)
+    expected = torch.from_numpy((face * 255).astype(np.uint8)).float() / 127.5 - 1
+    assert torch.equal(dataset[(7, False)][0][0], expected)
+    spline = transform.resize(lfw_subset()[7], (32, 32), order=3, mode="reflect", anti_aliasing=False)
+    assert not torch.equal(torch.from_numpy((np.clip(spline, 0, 1) * 255).astype(np.uint8)).float() / 127.5 - 1,
+                           expected)
+
+
 def test_batches_are_disjoint_across_ranks_and_together_the_global_batch():
     one = list(StepBatchSampler(50, 8, 0, 1, seed=3, start_step=0, end_step=12))
     ranks = [list(StepBatchSampler(50, 4, r, 2, seed=3, start_step=0, end_step=12)) for r in range(2)]

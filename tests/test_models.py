@@ -52,6 +52,24 @@ def test_initialisation_has_the_authors_std():
     assert abs(last.weight.std().item() / (1 / (3 * math.sqrt(last.in_channels * 25))) - 2) < 0.05
 
 
+def test_up_conv_fan_in_draws_only_the_transposed_convolutions_with_their_input_fan():
+    torch.manual_seed(0)
+    authors = VAEGAN("vaegan", 32, 1, up_conv_fan="out")
+    torch.manual_seed(0)
+    fan_in = VAEGAN("vaegan", 32, 1, up_conv_fan="in")
+    up = [m for m in fan_in.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels) for m in up] == [(256, 128), (128, 32)]
+    for m in up:
+        std = 1 / (3 * math.sqrt(m.in_channels * 25))
+        assert abs(m.weight.std().item() / std - 1) < 0.02
+        assert m.weight.abs().max().item() <= math.sqrt(3) * std * (1 + 1e-6)
+    for (name, a), b in zip(authors.named_modules(), fan_in.modules()):
+        if not isinstance(a, torch.nn.ConvTranspose2d):  # every other layer drawn the same
+            assert all(torch.equal(p, q) for p, q in zip(a.parameters(recurse=False), b.parameters(recurse=False))), name
+    with pytest.raises(ValueError, match="up_conv_fan 'both' is not one of out, in"):
+        VAEGAN("vaegan", 32, 1, up_conv_fan="both")
+
+
 def test_unsupported_image_size_is_a_clear_error():
     with pytest.raises(ValueError, match="image size 48 is not supported"):
         VAEGAN("vaegan", 48)

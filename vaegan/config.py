@@ -11,17 +11,19 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .data.datasets import BUILTIN
 from .schedule import AUTHORS_LR, SCHEDULES
-from .models import MODEL_KINDS, SUPPORTED_IMAGE_SIZES
+from .models import MODEL_KINDS, SUPPORTED_IMAGE_SIZES, UP_CONV_FANS
 
 DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 # The built-in faces are a demonstration that must show faces after a few minutes on two CPU
 # cores: 150 steps of 32 images, and a decoder weighted towards reconstruction (gamma 1e-3;
 # at the paper's 1e-6 the decoder learns mostly from the GAN term and needs far longer).
 # Over 150 steps the authors' annealing leaves too few steps at a useful rate: the preset keeps it constant.
+# The transposed convolutions start from their input fan (the authors' use their output fan), which leaves less
+# of their checkerboard in the demo's last grids (bench/results/demo-faces/results.md).
 BUILTIN_PRESET = {"image_size": 32, "channels": 1, "steps": 150, "batch_size": 32, "gamma": 1e-3,
-                  "lr_schedule": "constant", "augment": "flip"}
+                  "lr_schedule": "constant", "augment": "flip", "up_conv_fan": "in"}
 REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_REAL_DATA, "batch_size": 64,
-                      "gamma": 1e-6, "lr_schedule": "authors", "augment": "authors"}
+                      "gamma": 1e-6, "lr_schedule": "authors", "augment": "authors", "up_conv_fan": "out"}
 
 GROUPS = ("data", "model", "training", "run and monitoring", "speed and levers", "distributed")
 
@@ -129,6 +131,10 @@ class TrainConfig:
         1.0, "model", "channel-width multiplier of every convolution and of the discriminator's FC layer "
         "(bench/learning.py uses 0.25 to learn on a CPU)",
         shown_default="1, the paper's networks", parse=number("--width"))
+    up_conv_fan: str = option(
+        None, "model", "the fan of the transposed convolutions' initialisation, std 1/(3*sqrt(fan)): out, "
+        "C_out*k*k (the authors'), or in, C_in*k*k", shown_default="out; in on the built-in faces",
+        choices=UP_CONV_FANS)
     # training
     batch_size: int = option(
         None, "training", "images per process and step", shown_default="64, the paper's; 32 on the built-in faces",

@@ -110,7 +110,8 @@ class RunLog:
         lr = learning_rate(cfg.lr_schedule, cfg.lr, run.start_step, cfg.lr_schedule_steps)
         self.line(f"vaegan: {cfg.optimizer} lr {cfg.lr:g} ({cfg.lr_schedule}"
                   f"{f', {lr:.3g} at step {run.start_step}' if lr != cfg.lr else ''}), gamma {cfg.gamma:g}, decoder GAN "
-                  f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}; every value used is "
+                  f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}, transposed convolutions "
+                  f"initialised with fan {'C_in' if cfg.up_conv_fan == 'in' else 'C_out'}*k*k; every value used is "
                   "in config.json")
         if run.resumed:
             def shown(value):

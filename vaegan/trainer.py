@@ -38,7 +38,7 @@ def update_config(cfg):
 
 def build_model(cfg):
     model = VAEGAN(cfg.model, cfg.image_size, cfg.channels, cfg.latent_size, cfg.fc_width,
-                   cfg.attributes.split(",") if cfg.attributes else (), cfg.width)
+                   cfg.attributes.split(",") if cfg.attributes else (), cfg.width, cfg.up_conv_fan)
     if cfg.sync_bn:
         distributed.convert_to_global_batchnorm(model)
     return model
