@@ -120,8 +120,7 @@ bench() {  # $1: stage name (for the json), the rest: pytest arguments; each row
 }
 
 syncdebug() {  # the data path and the step under torch.cuda.set_sync_debug_mode("error"), through files on disk
-  [ -f tests/test_gpu_sync.py ] || { echo "tests/test_gpu_sync.py is missing"; return 1; }
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sync.py
+  python3 -m pytest -q -p no:cacheprovider tests/test_loop.py -k "on_a_gpu"
 }
 
 train() {  # a few hundred real steps at 64 px from generated CelebA-like JPEGs: the user's command, its defaults
