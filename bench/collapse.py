@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import vaegan  # noqa: E402
-from learning import write_digits  # noqa: E402
+from learning import write_digits, write_results  # noqa: E402
 from vaegan.collapse import COLLAPSED_ERROR  # noqa: E402
 from vaegan.data import build_dataset  # noqa: E402
 
@@ -220,11 +220,7 @@ def main():
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "triton": triton.__version__, "machine": f"{os.cpu_count()} CPU cores, no GPU"},
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - started)}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(markdown(summary))
-    log(f"wrote {args.out}/results.json and results.md")
+    write_results(args.out, summary, markdown(summary))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ CHECKPOINTS = 8   # held-out reconstruction errors at 8 points of each run
 KID_POINTS = 3    # sample scores (Inception: the slow part on a CPU) at 3 of them
 
 
+def write_results(out, summary, table):
+    """results.json (the summary) and results.md (its table) in `out`."""
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table)
+    print(f"wrote {out}/results.json and results.md", flush=True)
+
+
 def write_digits(root):
     """scikit-learn's digits as PNGs: train/ (4 of every 5) and heldout/ (every 5th)."""
     from sklearn.datasets import load_digits
@@ -161,11 +170,7 @@ def main():
                "versions": {"python": platform.python_version(), "torch": torch.__version__,
                             "triton": triton.__version__, "machine": f"{os.cpu_count()} CPU cores, no GPU"},
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - started)}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(markdown(summary))
-    log(f"wrote {args.out}/results.json and results.md")
+    write_results(args.out, summary, markdown(summary))
 
 
 def markdown(summary):

@@ -44,30 +44,28 @@ class ConfigError(ValueError):
     pass
 
 
-def positive_int(name):
+def integer(name, minimum):
+    """An argparse type: an integer >= minimum, with an error naming the option."""
+    wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
     def parse(text):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} takes a positive integer, not {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} takes a positive integer, not {value}")
+            raise argparse.ArgumentTypeError(f"{name} takes {wanted}, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} takes {wanted}, not {value}")
         return value
-    parse.__name__ = "positive integer"
+    parse.__name__ = wanted.split(" ", 1)[1]
     return parse
+
+
+def positive_int(name):
+    return integer(name, 1)
 
 
 def non_negative_int(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} takes an integer >= 0, not {text!r}") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{name} takes an integer >= 0, not {value}")
-        return value
-    parse.__name__ = "integer >= 0"
-    return parse
+    return integer(name, 0)
 
 
 def number(name, minimum=0.0, inclusive=False):
