@@ -137,7 +137,20 @@ def test_the_joint_decoder_call_computes_what_two_calls_compute(dtype, padded):
         results.append((grads(model), stats, {n: b.clone() for n, b in model.named_buffers()}))
     (separate, separate_stats, separate_buffers), (joint, joint_stats, joint_buffers) = results
     rtol = 1e-9 if dtype == torch.float64 else 1e-4
-    assert_same_grads(joint, separate, rtol)
+    if dtype == torch.float64:
+        assert_same_grads(joint, separate, rtol)
+    else:  # fp32 gradients of these small-batch networks sit up to ~5e-3 from fp64's on some inputs, either call:
+        # the joint call must be as close to the fp64 gradients as the separate calls are
+        exact = copy.deepcopy(model).double()
+        for n, b in exact.named_buffers():
+            b.copy_(start[n])
+        compute_gradients(exact, x.double(), z_prior.double(), UpdateConfig(gamma=1e-3), NOISE_SEED)
+        truth = grads(exact)
+        for name, want in truth.items():
+            scale = want.abs().max().clamp_min(1e-30)
+            joint_err = ((joint[name].double() - want).abs().max() / scale).item()
+            separate_err = ((separate[name].double() - want).abs().max() / scale).item()
+            assert joint_err <= max(3 * separate_err, rtol), f"{name}: joint {joint_err:.2e}, separate {separate_err:.2e}"
     for name in separate_stats:
         assert torch.allclose(joint_stats[name], separate_stats[name], rtol=rtol), name
     for name, value in separate_buffers.items():
