@@ -311,7 +311,7 @@ def narrow(size, seed, batch=4, latent=12):
     return model, x, philox.rows_randn(NOISE_SEED, batch, latent), torch.randn(batch, latent)
 
 
-@pytest.mark.parametrize("size,variant", [(64, dict(kind="vaegan")),
+@pytest.mark.parametrize("size,variant", [pytest.param(64, dict(kind="vaegan"), marks=pytest.mark.slow),
                                           (32, dict(kind="vaegan", decoder_call="joint", dis_sees_recon=True))],
                          ids=lambda v: str(v) if isinstance(v, int) else "-".join(f"{k}={v[k]}" for k in v))
 def test_the_fused_bn_relu_convolutions_route_as_the_reference(size, variant):

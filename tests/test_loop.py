@@ -511,6 +511,7 @@ def test_precision_auto_is_bf16_where_the_device_has_bf16_and_fp32_elsewhere(mon
     assert options.resolve_precision(torch.device("cuda", 0))[0] == "fp32"
 
 
+@pytest.mark.slow
 def test_the_loop_does_not_wait_for_a_slow_checkpoint_writer(tmp_path, monkeypatch):
     import time
     original_save, original_gradients = checkpoint.save, TrainStep.gradients
@@ -582,6 +583,7 @@ def test_a_kill_during_a_background_write_leaves_the_previous_checkpoint_loadabl
     assert saved["step"] == 0 and saved["config"]["checkpoint_every"] == 2
 
 
+@pytest.mark.slow
 def test_checkpoints_follow_the_minutes_at_log_steps_and_the_step_count(tmp_path, monkeypatch):
     saved_steps = []
     original = checkpoint.save

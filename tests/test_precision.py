@@ -44,7 +44,8 @@ def likelihood_gradient_kept(autocast_dtype, options, decoder_call="separate"):
     return float(along / sum((w * w).sum() for w in want))
 
 
-MODES = [StepMode(), StepMode(channels_last=True), StepMode(compile=True, backend="aot_eager")]
+MODES = [StepMode(), StepMode(channels_last=True),
+         pytest.param(StepMode(compile=True, backend="aot_eager"), marks=pytest.mark.slow, id="torch.compile(aot_eager)")]
 if torch.cuda.is_available():
     MODES.append(StepMode(compile=True, channels_last=True))  # inductor
 

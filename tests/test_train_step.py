@@ -55,9 +55,18 @@ VARIANTS = [("vaegan", {}), ("vaegan", dict(saturating=False, dis_sees_recon=Tru
             ("cvaegan", dict(decoder_call="joint", saturating=False, dis_sees_recon=True))]
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.describe().replace(" ", ""))
-@pytest.mark.parametrize("kind,variant", VARIANTS, ids=lambda v: str(v) if isinstance(v, str) else
-                         "-".join(f"{k}={v[k]}" for k in v) or "default")
+# the fast tier compiles the plain and the most changed variant; the full suite compiles every one
+FAST_COMPILED = {0, len(VARIANTS) - 1}
+
+
+def mode_params():
+    return [pytest.param(mode, kind, variant, marks=[pytest.mark.slow] if mode.compile and i not in FAST_COMPILED else [],
+                         id=mode.describe().replace(" ", "") + "-" + kind + "-"
+                         + ("-".join(f"{k}={variant[k]}" for k in variant) or "default"))
+            for i, (kind, variant) in enumerate(VARIANTS) for mode in MODES]
+
+
+@pytest.mark.parametrize("mode,kind,variant", mode_params())
 def test_every_mode_gives_the_reference_gradients(mode, kind, variant):
     names = ["A", "B"] if kind.startswith("c") else ()
     model, x, _, z_prior = make(kind, seed=len(kind), attribute_names=names)
@@ -81,6 +90,7 @@ def test_the_fused_kernels_route_exactly_when_compiled():
         assert_same_grads(grads(model), reference_grads(model, x, z_prior, cfg, seed), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_the_compiled_step_with_fused_bn_relu_gives_the_reference_gradients():
     # --fuse-bn-relu inside a compiled step: inductor with the Triton kernel on a GPU; on a CPU aot_eager with the
     # interpreter's opaque op (its fake and its backward traced); against the unfused reference routing
@@ -104,6 +114,7 @@ def test_the_compiled_step_with_fused_bn_relu_gives_the_reference_gradients():
         assert_same_grads(grads(fused), want, rtol=1e-3 if device == "cuda" else 1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_masked_optimizer_steps_follow_eager_and_a_new_learning_rate_does_not_recompile():
     torch._dynamo.reset()
     # float64: RMSProp's first steps are nearly sign(gradient) * lr, which float32 rounding of a
@@ -229,6 +240,7 @@ def test_overlapped_reducer_fills_its_buckets_in_order_and_leaves_the_gradients(
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_train_with_compile_logs_the_mode(tmp_path):
     done = run_train(SMALL + ["--steps", "3", "--compile", "--compile-backend", "aot_eager", "--log-every", "1",
                               "--out", str(tmp_path / "run")])
@@ -260,6 +272,7 @@ def _steps(step, x, n):
     return [p.detach().clone() for p in step.model.parameters()]
 
 
+@pytest.mark.slow
 def test_compiling_before_the_first_step_leaves_the_model_and_optimizers_as_they_were():
     # the trial step compiles, then everything is put back: the steps after it are the steps without it
     results = []
