@@ -65,10 +65,17 @@ def train(run, data, seed, steps, batch, extra):
 
 
 @torch.no_grad()
-def heldout_error(checkpoint, images):
+def heldout_measures(checkpoint, images):
+    """(error, reconstructions' spread, samples' spread) of a checkpoint: Dec(mu(x))'s pixel MSE over the held-out
+    mean image's; the per-pixel standard deviation across the reconstructions, and across 64 samples Dec(z_p),
+    over the held-out images' own (near 0: one image whatever the input, the decoder collapsed to a point)."""
     model = vaegan.load(checkpoint)
     spread = (images - images.mean(0)).pow(2).mean()
-    return float((model.reconstruct(images) - images).pow(2).mean() / spread)
+    recon = model.reconstruct(images).float()
+    samples = model.sample(64, seed=0).float()
+    own = images.std(0).mean()
+    return (float((recon - images).pow(2).mean() / spread), float(recon.std(0).mean() / own),
+            float(samples.std(0).mean() / own))
 
 
 def statistics_path_share(model, images, batch, draws=8):
@@ -113,15 +120,15 @@ def one_run(name, seed, args, data, images, log):
     start = time.time()
     # a variant's options come last: they win
     lines = train(run, data, seed, args.steps, args.batch, NETWORKS[args.networks] + VARIANTS[name])
-    heldout = {}
+    heldout, recon_spread, sample_spread = {}, {}, {}
     for step in range(EVAL_EVERY, args.steps + 1, EVAL_EVERY):
         path = os.path.join(run, f"checkpoint-{step:07d}.pt")
-        heldout[step] = heldout_error(path, images)
+        heldout[step], recon_spread[step], sample_spread[step] = heldout_measures(path, images)
         os.remove(path)  # the curve is what is kept
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     result = {"variant": name, "seed": seed, "seconds": round(time.time() - start),
-              "heldout": heldout, "check": {r["step"]: r["recon_check"] for r in rows if "recon_check" in r},
+              "heldout": heldout, "recon_spread": recon_spread, "sample_spread": sample_spread, "check": {r["step"]: r["recon_check"] for r in rows if "recon_check" in r},
               "train_pixel_error": {r["step"]: r["pixel_error"] for r in rows if r["step"] % CHECK_EVERY == 0},
               "dis_loss": {r["step"]: r["dis_loss"] for r in rows if r["step"] % CHECK_EVERY == 0},
               "collapse_lines": lines}
@@ -168,13 +175,18 @@ def markdown(summary):
               "decoder's samples through the discriminator's BatchNorm statistics of the batch [x, samples], over that "
               "of the samples' own term -log(1 - Dis(x_p)), at the run's final weights (median of 8 batches; "
               "`statistics_path_share` in bench/collapse.py).", ""]
-    lines += ["", "Curves: the held-out error every 100 steps; the trainer's check (the same measure on 64 training "
+    lines += ["", "Curves: the held-out error every 100 steps (with, where recorded, the spread of the held-out "
+              "reconstructions and of 64 samples: the per-pixel standard deviation across them over the held-out "
+              "images' own; near 0, the decoder gives one image whatever its input); the trainer's check (the same measure on 64 training "
               "images) every 50; and, at the check steps, the training step's own pixel MSE (`pixel_error`: training "
               "batch, batch statistics, absolute: the held-out mean image's is "
               f"{summary['heldout_mean_image_pixel_mse']:.4f}) and the discriminator's loss.", ""]
     for r in summary["runs"]:
         lines.append(f"- {r['variant']} seed {r['seed']}: held-out "
                      + " ".join(f"{k}:{v:.2f}" for k, v in r["heldout"].items())
+                     + ("; spread of the reconstructions " + " ".join(f"{v:.2f}" for v in r["recon_spread"].values())
+                        + ", of the samples " + " ".join(f"{v:.2f}" for v in r["sample_spread"].values())
+                        if "recon_spread" in r else "")
                      + "; check " + " ".join(f"{v:.2f}" for v in r["check"].values())
                      + "; pixel_error " + " ".join(f"{v:.2f}" for v in r["train_pixel_error"].values())
                      + "; dis_loss " + " ".join(f"{v:.2f}" for v in r["dis_loss"].values())
