@@ -32,6 +32,23 @@ def regressor(attribute_data):
     return path, summary
 
 
+def test_the_regressor_reads_one_value_per_attribute_and_scores_signs_and_directions(tmp_path):
+    # the fast tier's check of vaegan/eval/regressor.py (training it, and Table 1, are the slow tests below)
+    from vaegan import checkpoint
+    from vaegan.eval.regressor import AttributeRegressor, accuracies, load_regressor, similarity_scores
+    for size in (32, 64):
+        assert AttributeRegressor(size, 3, 5)(torch.rand(2, 3, size, size)).shape == (2, 5)
+    targets = torch.tensor([[1.0, -1.0], [-1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])
+    predictions = torch.tensor([[0.5, -2.0], [0.3, -0.1], [2.0, -1.0], [-0.2, 0.4]])
+    assert accuracies(predictions, targets).tolist() == [0.75, 0.75]
+    cosine, mse = similarity_scores(targets * 3, targets)
+    assert cosine == pytest.approx(1.0) and mse == pytest.approx(4.0)
+    assert similarity_scores(-targets, targets)[0] == pytest.approx(-1.0)
+    checkpoint.save(str(tmp_path / "model.pt"), {"kind": "vaegan", "step": 0})
+    with pytest.raises(DataError, match="model.pt: not an attribute regressor"):
+        load_regressor(str(tmp_path / "model.pt"))
+
+
 def vaegan_cli(*args):
     return subprocess.run([sys.executable, "-m", "vaegan", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
