@@ -128,7 +128,8 @@ def one_run(name, seed, args, data, images, log):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     result = {"variant": name, "seed": seed, "seconds": round(time.time() - start),
-              "heldout": heldout, "recon_spread": recon_spread, "sample_spread": sample_spread, "check": {r["step"]: r["recon_check"] for r in rows if "recon_check" in r},
+              "heldout": heldout, "recon_spread": recon_spread, "sample_spread": sample_spread,
+              "check": {r["step"]: r["recon_check"] for r in rows if "recon_check" in r},
               "train_pixel_error": {r["step"]: r["pixel_error"] for r in rows if r["step"] % CHECK_EVERY == 0},
               "dis_loss": {r["step"]: r["dis_loss"] for r in rows if r["step"] % CHECK_EVERY == 0},
               "collapse_lines": lines}
@@ -177,8 +178,8 @@ def markdown(summary):
               "`statistics_path_share` in bench/collapse.py).", ""]
     lines += ["", "Curves: the held-out error every 100 steps (with, where recorded, the spread of the held-out "
               "reconstructions and of 64 samples: the per-pixel standard deviation across them over the held-out "
-              "images' own; near 0, the decoder gives one image whatever its input); the trainer's check (the same measure on 64 training "
-              "images) every 50; and, at the check steps, the training step's own pixel MSE (`pixel_error`: training "
+              "images' own; near 0, the decoder gives one image whatever its input); the trainer's check (the same "
+              "measure on 64 training images) every 50; and, at the check steps, the training step's own pixel MSE (`pixel_error`: training "
               "batch, batch statistics, absolute: the held-out mean image's is "
               f"{summary['heldout_mean_image_pixel_mse']:.4f}) and the discriminator's loss.", ""]
     for r in summary["runs"]:

@@ -42,10 +42,15 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def relative_error(got, want):
+    """The largest difference over the largest magnitude of `want`, in float64."""
+    want = want.double()
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
 def assert_same_grads(got, want, rtol):
     for name in want:
-        scale = want[name].abs().max().clamp_min(1e-30)
-        err = (got[name] - want[name]).abs().max() / scale
+        err = relative_error(got[name], want[name])
         assert err < rtol, f"{name}: relative error {err:.2e}"
 
 
@@ -147,9 +152,7 @@ def test_the_joint_decoder_call_computes_what_two_calls_compute(dtype, padded):
         compute_gradients(exact, x.double(), z_prior.double(), UpdateConfig(gamma=1e-3), NOISE_SEED)
         truth = grads(exact)
         for name, want in truth.items():
-            scale = want.abs().max().clamp_min(1e-30)
-            joint_err = ((joint[name].double() - want).abs().max() / scale).item()
-            separate_err = ((separate[name].double() - want).abs().max() / scale).item()
+            joint_err, separate_err = relative_error(joint[name], want), relative_error(separate[name], want)
             assert joint_err <= max(3 * separate_err, rtol), f"{name}: joint {joint_err:.2e}, separate {separate_err:.2e}"
     for name in separate_stats:
         assert torch.allclose(joint_stats[name], separate_stats[name], rtol=rtol), name
