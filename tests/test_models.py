@@ -52,22 +52,35 @@ def test_initialisation_has_the_authors_std():
     assert abs(last.weight.std().item() / (1 / (3 * math.sqrt(last.in_channels * 25))) - 2) < 0.05
 
 
-def test_up_conv_fan_in_draws_only_the_transposed_convolutions_with_their_input_fan():
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_the_resize_decoder_upsamples_without_a_checkerboard_of_its_own(image_size):
+    """up_conv "resize": each stage is nearest-neighbour x2 then a 3x3 convolution, so a constant input gives a
+    constant output (away from the zero-padded border) whatever the weights; the authors' 5x5 stride-2 transposed
+    convolution sums 9, 6, 6 or 4 taps by output phase, a checkerboard even from a constant input."""
     torch.manual_seed(0)
-    authors = VAEGAN("vaegan", 32, 1, up_conv_fan="out")
+    resize = VAEGAN("vaegan", image_size, 3, up_conv="resize").decoder
     torch.manual_seed(0)
-    fan_in = VAEGAN("vaegan", 32, 1, up_conv_fan="in")
-    up = [m for m in fan_in.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
-    assert [(m.in_channels, m.out_channels) for m in up] == [(256, 128), (128, 32)]
-    for m in up:
-        std = 1 / (3 * math.sqrt(m.in_channels * 25))
-        assert abs(m.weight.std().item() / std - 1) < 0.02
-        assert m.weight.abs().max().item() <= math.sqrt(3) * std * (1 + 1e-6)
-    for (name, a), b in zip(authors.named_modules(), fan_in.modules()):
-        if not isinstance(a, torch.nn.ConvTranspose2d):  # every other layer drawn the same
-            assert all(torch.equal(p, q) for p, q in zip(a.parameters(recurse=False), b.parameters(recurse=False))), name
-    with pytest.raises(ValueError, match="up_conv_fan 'both' is not one of out, in"):
-        VAEGAN("vaegan", 32, 1, up_conv_fan="both")
+    authors = VAEGAN("vaegan", image_size, 3).decoder
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in resize.modules())
+    convs = [m for m in resize.body if type(m) is torch.nn.Conv2d][:-1]
+    ups = [m for m in authors.body if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size) for m in convs] == [
+        (m.in_channels, m.out_channels, (3, 3)) for m in ups]
+    for m in convs:  # the authors' init: fan in_channels*k*k
+        assert abs(m.weight.std().item() / (1 / (3 * math.sqrt(m.in_channels * 9))) - 1) < 0.03
+    z = torch.randn(4, 128)
+    with torch.no_grad():
+        assert resize.train()(z).shape == authors.train()(z).shape == (4, 3, image_size, image_size)
+        constant = torch.ones(1, ups[0].in_channels, 8, 8)
+        stage = resize.body[4:6]
+        assert isinstance(stage[0], torch.nn.Upsample)
+        inner = stage(constant)[0, :, 2:-2, 2:-2]
+        assert inner.shape[-1] == 12
+        assert (inner - inner[:, :1, :1]).abs().max() < 1e-5 * inner.abs().max()
+        inner = ups[0](constant)[0, :, 2:-2, 2:-2]
+        assert (inner - inner[:, :1, :1]).abs().max() > 0.1 * inner.abs().max()
+    with pytest.raises(ValueError, match="up_conv 'bilinear' is not one of transposed, resize"):
+        VAEGAN("vaegan", 32, 1, up_conv="bilinear")
 
 
 def test_unsupported_image_size_is_a_clear_error():

@@ -312,3 +312,21 @@ def test_weight_decay_is_deeppys_on_a_batch_sum_and_spares_the_mu_logvar_heads()
                              if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear))]
         assert {id(p) for p in decay["params"]} == {id(p) for p in convs_and_linears} - heads
     assert heads <= {id(p) for p in optimizers["encoder"].param_groups[1]["params"]}
+
+
+def test_a_run_from_before_up_conv_resumes_and_loads_with_the_transposed_convolutions_it_trained(tmp_path):
+    from vaegan.checkpoint import save
+    from vaegan.config import TrainConfig, run_facts
+    from vaegan.models import VAEGAN
+    from vaegan.trainer import merge_resumed_config
+
+    saved = run_facts(TrainConfig().resolved())  # the built-in faces, whose preset now resizes
+    assert saved.pop("up_conv") == "resize"
+    saved["up_conv_fan"] = "in"  # the option it had then
+    assert merge_resumed_config(TrainConfig(resume=str(tmp_path)), saved).up_conv == "transposed"
+    old = VAEGAN("vaegan", 32, 1)
+    save(str(tmp_path / "checkpoint.pt"), {"config": saved, "model": old.state_dict(), "step": 150})
+    loaded = vaegan.load(str(tmp_path))
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in loaded.decoder.modules())
+    z = torch.randn(2, 128)
+    assert torch.equal(loaded.decode(z), old.eval().decoder(z))

@@ -16,7 +16,7 @@ def load(path, device="cpu"):
     cfg = state["config"]
     names = cfg.get("attributes")
     model = VAEGAN(cfg["model"], cfg["image_size"], cfg["channels"], cfg["latent_size"], cfg["fc_width"],
-                   names.split(",") if names else (), cfg.get("width", 1.0))
+                   names.split(",") if names else (), cfg.get("width", 1.0), cfg.get("up_conv", "transposed"))
     model.load_state_dict(state["model"])
     model.run_config, model.run_step = cfg, state["step"]
     return model.to(device).eval()

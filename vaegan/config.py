@@ -11,19 +11,20 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .data.datasets import BUILTIN
 from .schedule import AUTHORS_LR, SCHEDULES
-from .models import MODEL_KINDS, SUPPORTED_IMAGE_SIZES, UP_CONV_FANS
+from .models import MODEL_KINDS, SUPPORTED_IMAGE_SIZES, UP_CONVS
 
 DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 # The built-in faces are a demonstration that must show faces after a few minutes on two CPU
 # cores: 150 steps of 32 images, and a decoder weighted towards reconstruction (gamma 1e-3;
 # at the paper's 1e-6 the decoder learns mostly from the GAN term and needs far longer).
 # Over 150 steps the authors' annealing leaves too few steps at a useful rate: the preset keeps it constant.
-# The transposed convolutions start from their input fan (the authors' use their output fan), which leaves less
-# of their checkerboard in the demo's last grids (bench/results/demo-faces/results.md).
+# The decoder upsamples by resizing, then convolving: after 150 steps the authors' transposed convolutions leave
+# a 2 and 4 px grid of 4-75x the faces' own in the demo's last grids; resizing leaves 0.7-2.5x
+# (bench/results/demo-faces/results.md, bench/results/cpu-20261205-demo-variants.txt).
 BUILTIN_PRESET = {"image_size": 32, "channels": 1, "steps": 150, "batch_size": 32, "gamma": 1e-3,
-                  "lr_schedule": "constant", "augment": "flip", "up_conv_fan": "in"}
+                  "lr_schedule": "constant", "augment": "flip", "up_conv": "resize"}
 REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_REAL_DATA, "batch_size": 64,
-                      "gamma": 1e-6, "lr_schedule": "authors", "augment": "authors", "up_conv_fan": "out"}
+                      "gamma": 1e-6, "lr_schedule": "authors", "augment": "authors", "up_conv": "transposed"}
 
 GROUPS = ("data", "model", "training", "run and monitoring", "speed and levers", "distributed")
 
@@ -129,10 +130,10 @@ class TrainConfig:
         1.0, "model", "channel-width multiplier of every convolution and of the discriminator's FC layer "
         "(bench/learning.py uses 0.25 to learn on a CPU)",
         shown_default="1, the paper's networks", parse=number("--width"))
-    up_conv_fan: str = option(
-        None, "model", "the fan of the transposed convolutions' initialisation, std 1/(3*sqrt(fan)): out, "
-        "C_out*k*k (the authors'), or in, C_in*k*k", shown_default="out; in on the built-in faces",
-        choices=UP_CONV_FANS)
+    up_conv: str = option(
+        None, "model", "how each decoder stage doubles the image: transposed, the authors' 5x5 stride-2 transposed "
+        "convolution; resize, nearest-neighbour upsampling then a 3x3 convolution (no uneven overlap, so no checkerboard of its own)",
+        shown_default="transposed; resize on the built-in faces", choices=UP_CONVS)
     # training
     batch_size: int = option(
         None, "training", "images per process and step", shown_default="64, the paper's; 32 on the built-in faces",

@@ -51,9 +51,20 @@ def conv(in_ch, out_ch, stride, bias):
     return nn.Conv2d(in_ch, out_ch, 5, stride=stride, padding=2, bias=bias)
 
 
-def up_conv(in_ch, out_ch):
-    # 5x5, stride 2, "same": exactly doubles the spatial size.
-    return nn.ConvTranspose2d(in_ch, out_ch, 5, stride=2, padding=2, output_padding=1, bias=False)
+# How the decoder doubles its spatial size, stage by stage. transposed: the authors' 5x5 stride-2 transposed
+# convolution. resize: nearest-neighbour upsampling, then a 3x3 convolution (Odena et al. 2016, "Deconvolution
+# and checkerboard artifacts"): a constant input gives a constant output whatever the weights, so no
+# checkerboard grows in it; the built-in demo's choice (bench/results/demo-faces/results.md).
+UP_CONVS = ("transposed", "resize")
+
+
+def up_conv(in_ch, out_ch, kind="transposed"):
+    """The layers of one decoder stage's upsampling: exactly doubles the spatial size."""
+    if kind == "transposed":
+        return [nn.ConvTranspose2d(in_ch, out_ch, 5, stride=2, padding=2, output_padding=1, bias=False)]
+    if kind == "resize":
+        return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)]
+    raise ValueError(f"up_conv {kind!r} is not one of {', '.join(UP_CONVS)}")
 
 
 def conv_bn_relu(in_ch, out_ch, stride):
@@ -127,7 +138,8 @@ class Decoder(nn.Module):
     """Dec(z) -> image in [-1, 1]; also the GAN's generator. Conditional: Dec([z, y])."""
     fused_bn_relu = False  # --fuse-bn-relu (not in forward_joint)
 
-    def __init__(self, image_size=64, channels=3, latent_size=128, num_attributes=0, width=1.0):
+    def __init__(self, image_size=64, channels=3, latent_size=128, num_attributes=0, width=1.0,
+                 up_conv_kind="transposed"):
         super().__init__()
         check_image_size(image_size)
         in_ch = scaled(BASE_CHANNELS, width)
@@ -135,7 +147,7 @@ class Decoder(nn.Module):
                   nn.BatchNorm1d(in_ch * BASE * BASE), nn.ReLU(), nn.Unflatten(1, (in_ch, BASE, BASE))]
         for out_ch in DECODER_STAGES[image_size]:
             out_ch = scaled(out_ch, width)
-            layers += [up_conv(in_ch, out_ch), nn.BatchNorm2d(out_ch, eps=CONV_BN_EPS), nn.ReLU()]
+            layers += up_conv(in_ch, out_ch, up_conv_kind) + [nn.BatchNorm2d(out_ch, eps=CONV_BN_EPS), nn.ReLU()]
             in_ch = out_ch
         layers += [conv(in_ch, channels, stride=1, bias=True), nn.Tanh()]
         self.body = nn.Sequential(*layers)
@@ -293,25 +305,16 @@ class Discriminator(nn.Module):
         return self.head(features).squeeze(1)
 
 
-UP_CONV_FANS = ("out", "in")
-
-
-def init_weights(module, up_conv_fan="out"):
+def init_weights(module):
     """The authors' initialisation (DeepPy's AutoFiller): uniform with std 1/(3*sqrt(fan)), biases 0.
 
     fan is the product of the weight's shape after its first axis: in_features for a linear layer,
     in_channels*k*k for a convolution, and out_channels*k*k for a transposed convolution (whose
-    weights both DeepPy and PyTorch store as (in, out, k, k)). up_conv_fan "in" takes in_channels*k*k
-    for the transposed convolutions instead (the built-in demo's choice: smaller weights there, which
-    RMSProp's fixed step size then moves faster, and less of their checkerboard after a few steps).
+    weights both DeepPy and PyTorch store as (in, out, k, k)).
     """
-    if up_conv_fan not in UP_CONV_FANS:
-        raise ValueError(f"up_conv_fan {up_conv_fan!r} is not one of {', '.join(UP_CONV_FANS)}")
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             fan = m.weight[0].numel()
-            if isinstance(m, nn.ConvTranspose2d) and up_conv_fan == "in":
-                fan = m.weight.shape[0] * m.weight[0, 0].numel()
             bound = math.sqrt(3.0) / (3.0 * math.sqrt(fan))  # uniform(-a, a) has std a/sqrt(3)
             nn.init.uniform_(m.weight, -bound, bound)
             if m.bias is not None:
@@ -332,7 +335,7 @@ class VAEGAN(nn.Module):
     """
 
     def __init__(self, kind="vaegan", image_size=64, channels=3, latent_size=128, fc_width=1024, attribute_names=(),
-                 width=1.0, up_conv_fan="out"):
+                 width=1.0, up_conv="transposed"):
         super().__init__()
         if kind not in MODEL_KINDS:
             raise ValueError(f"model {kind!r} is not one of {', '.join(MODEL_KINDS)}")
@@ -347,9 +350,9 @@ class VAEGAN(nn.Module):
         a = len(self.attribute_names)
         base = base_kind(kind)
         self.encoder = Encoder(image_size, channels, latent_size, fc_width, a, width) if base != "gan" else None
-        self.decoder = Decoder(image_size, channels, latent_size, a, width)
+        self.decoder = Decoder(image_size, channels, latent_size, a, width, up_conv)
         self.discriminator = Discriminator(image_size, channels, a, width) if base != "vae" else None
-        init_weights(self, up_conv_fan)
+        init_weights(self)
 
     def networks(self):
         """{name: module} of the networks this kind has, each with its own optimizer."""

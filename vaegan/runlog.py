@@ -19,6 +19,8 @@ from .gradients import STEP_STATS
 from .schedule import learning_rate
 
 SHOWN_ON_THE_BAR = ("llike", "kl", "dis_loss", "pixel_error")
+UP_CONV_WORDS = {"transposed": "by 5x5 stride-2 transposed convolutions (the authors')",
+                 "resize": "by nearest-neighbour resizing then 3x3 convolutions"}
 
 
 def trim_metrics(path, last_step):
@@ -110,8 +112,8 @@ class RunLog:
         lr = learning_rate(cfg.lr_schedule, cfg.lr, run.start_step, cfg.lr_schedule_steps)
         self.line(f"vaegan: {cfg.optimizer} lr {cfg.lr:g} ({cfg.lr_schedule}"
                   f"{f', {lr:.3g} at step {run.start_step}' if lr != cfg.lr else ''}), gamma {cfg.gamma:g}, decoder GAN "
-                  f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}, transposed convolutions "
-                  f"initialised with fan {'C_in' if cfg.up_conv_fan == 'in' else 'C_out'}*k*k; every value used is "
+                  f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}, decoder upsampling "
+                  f"{UP_CONV_WORDS[cfg.up_conv]}; every value used is "
                   "in config.json")
         if run.resumed:
             def shown(value):

@@ -38,7 +38,7 @@ def update_config(cfg):
 
 def build_model(cfg):
     model = VAEGAN(cfg.model, cfg.image_size, cfg.channels, cfg.latent_size, cfg.fc_width,
-                   cfg.attributes.split(",") if cfg.attributes else (), cfg.width, cfg.up_conv_fan)
+                   cfg.attributes.split(",") if cfg.attributes else (), cfg.width, cfg.up_conv)
     if cfg.sync_bn:
         distributed.convert_to_global_batchnorm(model)
     return model
@@ -102,6 +102,7 @@ def merge_resumed_config(cfg, saved):
     values.setdefault("lr_schedule", "constant")  # runs from before the schedule trained at a constant rate
     values.setdefault("lr_schedule_steps", saved.get("steps"))  # a run from before the option spans its --steps
     values.setdefault("augment", "flip")  # runs from before --augment flipped and did nothing else
+    values.setdefault("up_conv", "transposed")  # runs from before --up-conv had the authors' decoder
     explicit = getattr(cfg, "explicit", ())
     for name in explicit:
         if resume_kind(name) != FIXED:
