@@ -283,10 +283,6 @@ would take. Both judge the 2-minute budget only on a quiet machine: with the loa
 cores, the wall time stretches, and the CPU time grows too (OpenMP's threads spin while they wait for a core).
 
 {seeds_table(rows)}
-
-Before the preset resized (`--up-conv resize`), it kept the authors' transposed convolutions (initialised with
-fan C_in*k*k): on the same 3 seeds their grids were 4.1-47.7x the faces' (samples) and 4.7-74.1x
-(reconstructions), pixel MSE 0.065-0.079 (`bench/results/cpu-20261205-demo-variants.txt`, rows `preset`).
 """
 
 

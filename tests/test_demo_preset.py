@@ -56,7 +56,7 @@ def grid_ratios_after(tmp_path, steps, *options):
     """The demo preset trained `steps` steps (seed 0) with `options`: its grid shares over the faces' own."""
     out = str(tmp_path / "run")
     assert train_command(["--seed", "0", "--out", out, "--steps", str(steps), "--sample-every", "1000",
-                          *options], prog="train.py") == 0
+                          "--device", "cpu", *options], prog="train.py") == 0
     return demo_picture.share_ratios(demo_picture.measure(out))
 
 
@@ -72,7 +72,6 @@ def test_ten_steps_of_the_demo_preset_leave_no_two_pixel_grid(tmp_path):
 def test_ten_steps_with_the_authors_transposed_convolutions_leave_the_grid_the_measure_sees(tmp_path):
     ratios = grid_ratios_after(tmp_path, 10, "--up-conv", "transposed")
     assert min(ratios[(images, "p2")] for images in ("samples", "recon")) > 30, ratios
-
 
 
 def test_share_ratios_flag_a_grid():

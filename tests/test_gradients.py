@@ -28,10 +28,12 @@ VARIANTS = [
 NOISE_SEED = 1234
 
 
-def make(kind, size=32, channels=3, seed=0, dtype=torch.float64, batch=4, latent=12, attribute_names=()):
+def make(kind, size=32, channels=3, seed=0, dtype=torch.float64, batch=4, latent=12, attribute_names=(),
+         up_conv="transposed"):
     """A model and inputs; eps is the Philox noise that compute_gradients draws from NOISE_SEED."""
     torch.manual_seed(seed)
-    model = VAEGAN(kind, size, channels, latent_size=latent, fc_width=40, attribute_names=attribute_names).to(dtype)
+    model = VAEGAN(kind, size, channels, latent_size=latent, fc_width=40, attribute_names=attribute_names,
+                   up_conv=up_conv).to(dtype)
     x = torch.rand(batch, channels, size, size, dtype=dtype) * 2 - 1
     eps = philox.rows_randn(NOISE_SEED, batch, latent).to(dtype)
     z_prior = torch.randn(batch, latent, dtype=dtype)
@@ -126,13 +128,15 @@ def test_conditional_models_route_exactly_too(variant, kernel_set):
     assert not torch.allclose(grads(model)[first], want[first])
 
 
-@pytest.mark.parametrize("dtype,padded", [(torch.float64, False), (torch.float32, False), (torch.float64, True)])
-def test_the_joint_decoder_call_computes_what_two_calls_compute(dtype, padded):
+@pytest.mark.parametrize("dtype,padded,up_conv", [(torch.float64, False, "transposed"), (torch.float32, False, "transposed"),
+                                                  (torch.float64, True, "transposed"), (torch.float64, True, "resize")])
+def test_the_joint_decoder_call_computes_what_two_calls_compute(dtype, padded, up_conv):
     # gradients, stats and every BatchNorm's running statistics (from the reconstructions' half only);
-    # with --pad-channels the decoder's last convolution is padded in the joint call too
-    model, x, _, z_prior = make("vaegan", seed=8, dtype=dtype)
+    # with --pad-channels the decoder's last convolution is padded in the joint call too; the demo's resizing
+    # decoder (an Upsample before each stage's convolution) too
+    model, x, _, z_prior = make("vaegan", seed=8, dtype=dtype, up_conv=up_conv)
     if padded:
-        assert "decoder.body.10" in pad_thin_convolutions(model)
+        assert f"decoder.body.{len(model.decoder.body) - 2}" in pad_thin_convolutions(model)
     start = {n: b.clone() for n, b in model.named_buffers()}
     results = []
     for decoder_call in ("separate", "joint"):

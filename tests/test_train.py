@@ -281,6 +281,8 @@ def test_the_authors_learning_rate_schedule():
     from vaegan.config import TrainConfig
     assert TrainConfig(data="celeba").resolved().lr_schedule == "authors"
     assert TrainConfig().resolved().lr_schedule == "constant"  # the built-in faces' demonstration preset
+    assert TrainConfig(data="celeba").resolved().up_conv == "transposed"  # the authors' decoder
+    assert TrainConfig().resolved().up_conv == "resize"
     lr = 0.025 / 64
     rates = [learning_rate("authors", lr, step, 62_500) for step in range(62_500)]
     assert rates[0] == lr == pytest.approx(3.906e-4, rel=1e-3)

@@ -18,9 +18,10 @@ DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 # cores: 150 steps of 32 images, and a decoder weighted towards reconstruction (gamma 1e-3;
 # at the paper's 1e-6 the decoder learns mostly from the GAN term and needs far longer).
 # Over 150 steps the authors' annealing leaves too few steps at a useful rate: the preset keeps it constant.
-# The decoder upsamples by resizing, then convolving: after 150 steps the authors' transposed convolutions leave
-# a 2 and 4 px grid of 4-75x the faces' own in the demo's last grids; resizing leaves 0.7-2.5x
-# (bench/results/demo-faces/results.md, bench/results/cpu-20261205-demo-variants.txt).
+# The decoder upsamples by resizing, then convolving: after 150 steps, transposed convolutions (the previous
+# preset's, drawn with fan C_in*k*k) left a 2 and 4 px grid of 4-75x the faces' own in the demo's last grids
+# (bench/results/cpu-20261205-demo-variants.txt, rows `preset`); resizing leaves 0.7-2.5x
+# (bench/results/demo-faces/results.md).
 BUILTIN_PRESET = {"image_size": 32, "channels": 1, "steps": 150, "batch_size": 32, "gamma": 1e-3,
                   "lr_schedule": "constant", "augment": "flip", "up_conv": "resize"}
 REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_REAL_DATA, "batch_size": 64,
@@ -133,7 +134,7 @@ class TrainConfig:
     up_conv: str = option(
         None, "model", "how each decoder stage doubles the image: transposed, the authors' 5x5 stride-2 transposed "
         "convolution; resize, nearest-neighbour upsampling then a 3x3 convolution (no uneven overlap, so no checkerboard of its own)",
-        shown_default="transposed; resize on the built-in faces", choices=UP_CONVS)
+        shown_default="transposed; resize on the built-in faces", choices=tuple(UP_CONVS))
     # training
     batch_size: int = option(
         None, "training", "images per process and step", shown_default="64, the paper's; 32 on the built-in faces",

@@ -55,7 +55,8 @@ def conv(in_ch, out_ch, stride, bias):
 # convolution. resize: nearest-neighbour upsampling, then a 3x3 convolution (Odena et al. 2016, "Deconvolution
 # and checkerboard artifacts"): a constant input gives a constant output whatever the weights, so no
 # checkerboard grows in it; the built-in demo's choice (bench/results/demo-faces/results.md).
-UP_CONVS = ("transposed", "resize")
+UP_CONVS = {"transposed": "5x5 stride-2 transposed convolutions (the authors')",
+            "resize": "nearest-neighbour resizing then 3x3 convolutions"}
 
 
 def up_conv(in_ch, out_ch, kind="transposed"):

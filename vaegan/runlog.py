@@ -16,11 +16,10 @@ from tqdm import tqdm
 from . import checkpoint
 from .config import MACHINE_CHOICES
 from .gradients import STEP_STATS
+from .models import UP_CONVS
 from .schedule import learning_rate
 
 SHOWN_ON_THE_BAR = ("llike", "kl", "dis_loss", "pixel_error")
-UP_CONV_WORDS = {"transposed": "by 5x5 stride-2 transposed convolutions (the authors')",
-                 "resize": "by nearest-neighbour resizing then 3x3 convolutions"}
 
 
 def trim_metrics(path, last_step):
@@ -112,8 +111,8 @@ class RunLog:
         lr = learning_rate(cfg.lr_schedule, cfg.lr, run.start_step, cfg.lr_schedule_steps)
         self.line(f"vaegan: {cfg.optimizer} lr {cfg.lr:g} ({cfg.lr_schedule}"
                   f"{f', {lr:.3g} at step {run.start_step}' if lr != cfg.lr else ''}), gamma {cfg.gamma:g}, decoder GAN "
-                  f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}, decoder upsampling "
-                  f"{UP_CONV_WORDS[cfg.up_conv]}; every value used is "
+                  f"loss {cfg.decoder_gan_loss}{', equilibrium rule' if cfg.equilibrium else ''}, decoder upsampling by "
+                  f"{UP_CONVS[cfg.up_conv]}; every value used is "
                   "in config.json")
         if run.resumed:
             def shown(value):
