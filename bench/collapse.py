@@ -52,8 +52,9 @@ EVAL_EVERY = 100
 CHECK_EVERY = 50
 
 
-def train(run, data, seed, steps, batch, extra):
+def train(run, data, seed, steps, batch, extra, schedule_steps=None):
     args = [sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--steps", str(steps), "--seed", str(seed),
+            "--lr-schedule-steps", str(schedule_steps or steps),
             "--batch-size", str(batch), "--keep-every", str(EVAL_EVERY), "--checkpoint-minutes", "0",
             "--collapse-check-every", str(CHECK_EVERY), "--log-every", "10", "--sample-every", str(steps),
             "--out", run, *COMMON, *extra]
@@ -119,7 +120,7 @@ def one_run(name, seed, args, data, images, log):
         raise SystemExit(f"{run} holds an unfinished run: delete it to train again")
     start = time.time()
     # a variant's options come last: they win
-    lines = train(run, data, seed, args.steps, args.batch, NETWORKS[args.networks] + VARIANTS[name])
+    lines = train(run, data, seed, args.steps, args.batch, NETWORKS[args.networks] + VARIANTS[name], args.schedule_steps)
     heldout, recon_spread, sample_spread = {}, {}, {}
     for step in range(EVAL_EVERY, args.steps + 1, EVAL_EVERY):
         path = os.path.join(run, f"checkpoint-{step:07d}.pt")
@@ -159,7 +160,8 @@ def summarise(results, steps):
 
 
 def markdown(summary):
-    lines = [f"Collapse at small batches: {summary['data']}; {summary['configuration']}; {summary['steps']} steps. "
+    lines = [f"Collapse at small batches: {summary['data']}; {summary['configuration']}; {summary['steps']} steps"
+             f" (the learning rate annealed over {summary.get('schedule_steps', summary['steps'])}). "
              f"Command: `{summary['command']}`; {summary['versions']}; {summary['date']}.", "",
              "Held-out reconstruction error = pixel MSE of Dec(mu(x)) over the held-out mean image's (1.0: no better "
              "than the mean image), the model as a checkpoint holds it. A run counts as collapsed at the end when "
@@ -202,6 +204,9 @@ def main():
     parser.add_argument("--out", default="bench/results/collapse-20261205")
     parser.add_argument("--work", default=None, help="where the runs go (default: OUT/runs)")
     parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--schedule-steps", type=int, default=None,
+                        help="the steps the learning rate's annealing spans (default: --steps); a run shorter than "
+                        "another replays its first steps exactly when both give the same")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--networks", choices=tuple(NETWORKS), default="small")
     parser.add_argument("--seeds", default="0,1,2,3,4,5")
@@ -226,6 +231,7 @@ def main():
         results = list(pool.map(lambda job: one_run(*job, args, train_dir, images, log), jobs))
     import triton
     summary = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "steps": args.steps,
+               "schedule_steps": args.schedule_steps or args.steps,
                "data": "scikit-learn digits, every 5th held out", "heldout_images": len(heldout),
                "heldout_mean_image_pixel_mse": float((images - images.mean(0)).pow(2).mean()),
                "configuration": f"batch {args.batch}, {args.networks} networks: " + " ".join(COMMON + NETWORKS[args.networks]), "variants": VARIANTS,

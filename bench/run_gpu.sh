@@ -45,7 +45,10 @@ header() {  # $1: the stage
   echo "device: $device"
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   python3 -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "dali: not installed"
-  echo "command: bash bench/run_gpu.sh $1 (timeout $limit s)"
+  case $1 in  # a part of quick runs again alone as a plan of one part
+    quick-*) echo "command: QUICK_PLAN=${1#quick-}:$limit bash bench/run_gpu.sh quick (one part of quick)" ;;
+    *) echo "command: bash bench/run_gpu.sh $1 (timeout $limit s)" ;;
+  esac
   echo
 }
 

@@ -141,6 +141,9 @@ def test_the_quick_gpu_call_plans_its_parts_within_one_call_and_each_writes_its_
     for stage in stages:
         text = next(tmp_path.glob(f"gpu-*-{stage}.txt")).read_text()
         assert f"stage: {stage}" in text and "dry run: would run for at most" in text
+        command = re.search(r"^command: (.*) \(", text, re.M).group(1)  # runnable as printed
+        assert command == (f"QUICK_PLAN={stage[6:]}:{planned[names.index(stage[6:])][1]} bash bench/run_gpu.sh quick"
+                           if stage.startswith("quick-") else f"bash bench/run_gpu.sh {stage}")
         rows = list(tmp_path.glob(f"gpu-*-{stage}-rows.jsonl"))
         if stage.startswith("quick-"):  # a benchmark: its rows file exists, empty, before anything is measured
             assert len(rows) == 1 and rows[0].read_text() == ""
