@@ -172,8 +172,9 @@ def test_the_summary_counts_a_run_collapsed_at_the_end_only_above_the_mean_image
 
 
 # The learning test: the digits (real images, in scikit-learn) at batch 16, the size at which the VAE/GAN was
-# seen to collapse, in bench/learning.py's small networks, every training option at its default: the first 600
-# steps of bench/results/collapse-20261205/'s 800-step runs (the learning rate anneals over 800).
+# seen to collapse, in bench/learning.py's small networks, every training option at its default (gamma 1e-5 at
+# 32 px): the first 600 steps of bench/results/collapse-20261205/'s 800-step runs (the learning rate anneals over
+# 800), which ran at the earlier default, gamma 1e-6; the bound below is theirs.
 LEARNING_SEEDS = (0, 1)
 LEARNING_STEPS = 600
 # There, six seeds' held-out errors at step 600 (over the mean image's; running statistics) were 0.56-1.26, mean

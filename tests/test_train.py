@@ -283,6 +283,11 @@ def test_the_authors_learning_rate_schedule():
     assert TrainConfig().resolved().lr_schedule == "constant"  # the built-in faces' demonstration preset
     assert TrainConfig(data="celeba").resolved().up_conv == "transposed"  # the authors' decoder
     assert TrainConfig().resolved().up_conv == "resize"
+    # gamma: the authors' per image size (celeba_aegan.py, cifar_aegan.py); the demo's own; any given value wins
+    assert TrainConfig(data="celeba").resolved().gamma == 1e-6
+    assert TrainConfig(data="celeba", image_size=32).resolved().gamma == 1e-5
+    assert TrainConfig().resolved().gamma == 1e-3
+    assert TrainConfig(data="celeba", image_size=32, gamma=1e-6).resolved().gamma == 1e-6
     lr = 0.025 / 64
     rates = [learning_rate("authors", lr, step, 62_500) for step in range(62_500)]
     assert rates[0] == lr == pytest.approx(3.906e-4, rel=1e-3)

@@ -25,7 +25,11 @@ DEFAULT_STEPS_REAL_DATA = 62_500  # the authors' 250 "epochs" of 250 batches
 BUILTIN_PRESET = {"image_size": 32, "channels": 1, "steps": 150, "batch_size": 32, "gamma": 1e-3,
                   "lr_schedule": "constant", "augment": "flip", "up_conv": "resize"}
 REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_REAL_DATA, "batch_size": 64,
-                      "gamma": 1e-6, "lr_schedule": "authors", "augment": "authors", "up_conv": "transposed"}
+                      "lr_schedule": "authors", "augment": "authors", "up_conv": "transposed"}
+# gamma by image size, the authors' per script: 1e-6 at 64 px (celeba_aegan.py), 1e-5 at 32 px (cifar_aegan.py).
+# At 32 px and batch 16, 1e-6 let the decoder collapse to one image early in 2 of 7 seeds and 1e-5 in none
+# (docs/training.md#collapse-at-small-batches).
+AUTHORS_GAMMA = {64: 1e-6, 32: 1e-5}
 
 GROUPS = ("data", "model", "training", "run and monitoring", "speed and levers", "distributed")
 
@@ -166,7 +170,7 @@ class TrainConfig:
         parse=number("--weight-decay", inclusive=True))
     gamma: float = option(
         None, "training", "weight of L_llike in the decoder's loss, on the per-image feature sum",
-        shown_default="1e-6, the authors'; 1e-3 on the built-in faces", parse=number("--gamma"))
+        shown_default="the authors': 1e-6 at 64 px, 1e-5 at 32 px; 1e-3 on the built-in faces", parse=number("--gamma"))
     real_weight: float = option(0.5, "training", "weight of -log Dis(x) in the discriminator loss",
                                 parse=number("--real-weight", inclusive=True))
     fake_weight: float = option(0.5, "training", "weight of -log(1-Dis(fake)) in the discriminator loss",
@@ -291,6 +295,8 @@ class TrainConfig:
         for name, value in defaults.items():
             if values[name] is None:
                 values[name] = value
+        if values["gamma"] is None:
+            values["gamma"] = AUTHORS_GAMMA[values["image_size"]]
         if values["lr_schedule_steps"] is None:
             values["lr_schedule_steps"] = values["steps"]
         if values["out"] is None:
