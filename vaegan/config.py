@@ -26,9 +26,9 @@ BUILTIN_PRESET = {"image_size": 32, "channels": 1, "steps": 150, "batch_size": 3
                   "lr_schedule": "constant", "augment": "flip", "up_conv": "resize"}
 REAL_DATA_DEFAULTS = {"image_size": 64, "channels": 3, "steps": DEFAULT_STEPS_REAL_DATA, "batch_size": 64,
                       "lr_schedule": "authors", "augment": "authors", "up_conv": "transposed"}
-# gamma by image size, the authors' per script: 1e-6 at 64 px (celeba_aegan.py), 1e-5 at 32 px (cifar_aegan.py).
-# At 32 px and batch 16, 1e-6 let the decoder collapse to one image early in 2 of 7 seeds and 1e-5 in none
-# (docs/training.md#collapse-at-small-batches).
+# gamma by image size, the authors' per script at their commit 24aa0f2: 1e-6 at 64 px (celeba_aegan.py), 1e-5 at
+# 32 px (cifar_aegan.py). On the digits at 32 px and batch 16, 1e-6 let the decoder collapse to one image early
+# in 2 of 7 seeds and 1e-5 in none (docs/training.md#collapse-at-small-batches).
 AUTHORS_GAMMA = {64: 1e-6, 32: 1e-5}
 
 GROUPS = ("data", "model", "training", "run and monitoring", "speed and levers", "distributed")
