@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL
+from vaegan.config import BUILTIN_PRESET
 from vaegan.models import VAEGAN
 
 WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
@@ -30,7 +31,7 @@ def launch(nproc, args, out, **settings):
 def initial_state():
     """The parameters every run of SMALL starts from (seed 0): to show that training moved them."""
     torch.manual_seed(0)
-    return VAEGAN("vaegan", 32, 1, latent_size=16, fc_width=64).state_dict()
+    return VAEGAN("vaegan", 32, 1, latent_size=16, fc_width=64, up_conv=BUILTIN_PRESET["up_conv"]).state_dict()
 
 
 def assert_trained(state):
