@@ -54,6 +54,13 @@ EVAL_EVERY = 100
 CHECK_EVERY = 50
 
 
+def digits(directory):
+    """(the training split's folder, the held-out images as one (N, 1, 32, 32) tensor) of the digits written there."""
+    train_dir, heldout_dir = write_digits(directory)
+    heldout = build_dataset(heldout_dir, "train", 32, 1)
+    return train_dir, torch.stack([heldout[(i, False)][0] for i in range(len(heldout))])
+
+
 def train(run, data, seed, steps, batch, extra, schedule_steps=None):
     args = [sys.executable, os.path.join(ROOT, "train.py"), "--data", data, "--steps", str(steps), "--seed", str(seed),
             "--lr-schedule-steps", str(schedule_steps or steps),
@@ -223,9 +230,7 @@ def main():
 
     def log(message):
         print(f"[{time.time() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
-    train_dir, heldout_dir = write_digits(os.path.join(args.out, "data"))
-    heldout = build_dataset(heldout_dir, "train", 32, 1)
-    images = torch.stack([heldout[(i, False)][0] for i in range(len(heldout))])
+    train_dir, images = digits(os.path.join(args.out, "data"))
     seeds = {name: args.seeds for name in args.variants.split(",")}
     seeds.update(dict(item.split("=", 1) for item in args.variant_seeds))
     jobs = [(name, int(seed)) for name in args.variants.split(",") for seed in seeds[name].split(",")]
@@ -234,7 +239,7 @@ def main():
     import triton
     summary = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "steps": args.steps,
                "schedule_steps": args.schedule_steps or args.steps,
-               "data": "scikit-learn digits, every 5th held out", "heldout_images": len(heldout),
+               "data": "scikit-learn digits, every 5th held out", "heldout_images": len(images),
                "heldout_mean_image_pixel_mse": float((images - images.mean(0)).pow(2).mean()),
                "configuration": f"batch {args.batch}, {args.networks} networks: " + " ".join(COMMON + NETWORKS[args.networks]), "variants": VARIANTS,
                "summary": summarise(results, args.steps), "runs": results,

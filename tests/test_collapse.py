@@ -192,12 +192,9 @@ def test_vaegan_reconstructions_do_not_collapse_at_batch_16_on_the_digits(tmp_pa
 
     import vaegan
     from conftest import ROOT, TRAIN
-    from vaegan.data import build_dataset
     sys.path.insert(0, os.path.join(ROOT, "bench"))
-    from learning import write_digits
-    train_dir, heldout_dir = write_digits(str(tmp_path / "digits"))
-    heldout = build_dataset(heldout_dir, "train", 32, 1)
-    images = torch.stack([heldout[(i, False)][0] for i in range(len(heldout))])
+    import collapse as experiment  # bench/collapse.py
+    train_dir, images = experiment.digits(str(tmp_path / "digits"))
     # as bench/collapse.py runs them: train.py, one thread each, the seeds side by side
     runs = {seed: subprocess.Popen([sys.executable, TRAIN, "--data", train_dir, "--image-size", "32", "--channels", "1",
                                     "--width", "0.25", "--latent-size", "32", "--fc-width", "256", "--batch-size", "16",
@@ -235,13 +232,9 @@ def test_the_paper_networks_decoder_does_not_collapse_on_the_seeds_where_gamma_1
     from concurrent.futures import ThreadPoolExecutor
 
     from conftest import ROOT
-    from vaegan.data import build_dataset
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import collapse as experiment  # bench/collapse.py: its runs exactly, one thread each, side by side
-    from learning import write_digits
-    train_dir, heldout_dir = write_digits(str(tmp_path / "digits"))
-    heldout = build_dataset(heldout_dir, "train", 32, 1)
-    images = torch.stack([heldout[(i, False)][0] for i in range(len(heldout))])
+    train_dir, images = experiment.digits(str(tmp_path / "digits"))
 
     def run(seed):
         out = str(tmp_path / f"seed{seed}")
